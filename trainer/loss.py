@@ -1,0 +1,150 @@
+"""Contrastive CLIP losses over a process group: pure math, imports only torch.
+
+Scaling contract (every loss in this module honours it; see ../shared/DISCO.md):
+    Each rank returns its own scalar L_n with mean_n(L_n) == L, the full-batch loss over all
+    B = N·b pairs. After the data-parallel reduction that DDP / DeepSpeed apply to parameter
+    gradients (sum over ranks, ÷N), every parameter gradient, `logit_scale` included, equals
+    ∂L/∂θ of the full-batch loss exactly (to rounding). The gradient a rank sees for its own
+    features is therefore N·∂L/∂x_local: the ÷N happens later, in the engine.
+
+All ranks must pass the same local batch size b: the gathers assume equal-sized slices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+# torch 2.13 renamed the tensor-in/tensor-out collectives (*_single); older torch has only the
+# *_tensor names. Same semantics on NCCL and gloo.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(rank, world size) in `group`; (0, 1) when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather b×d rows into B×d; backward is reduce-scatter(sum).
+
+    Rank n's slice of the backward output is Σ_m ∂L_m/∂X[S_n]: the gradients that every rank
+    computed for rank n's rows. That is DisCo's "inter-GPU" term arriving by collective instead
+    of being recomputed. Summing (not averaging) keeps the scaling contract above: averaging
+    here would scale every feature gradient by 1/N (the bug in the paper's public code).
+    """
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.group = group
+        world = dist.get_world_size(group)
+        local = local.contiguous()
+        gathered = local.new_empty((world * local.shape[0], *local.shape[1:]))
+        _all_gather_single(gathered, local, group=group)
+        return gathered  # (B, d); slice S_n holds this rank's own values bit for bit
+
+    @staticmethod
+    def backward(ctx, grad_gathered: torch.Tensor):
+        world = dist.get_world_size(ctx.group)
+        grad_gathered = grad_gathered.contiguous()
+        grad_local = grad_gathered.new_empty(
+            (grad_gathered.shape[0] // world, *grad_gathered.shape[1:])
+        )
+        _reduce_scatter_single(grad_local, grad_gathered, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad_local, None
+
+
+def gather_rows(local: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """All-gather with a summing backward; identity when there is a single process."""
+    if _world(group)[1] == 1:
+        return local
+    return _GatherRows.apply(local, group)
+
+
+def logit_scale_value(logit_scale: torch.Tensor) -> torch.Tensor:
+    """exp(logit_scale) clamped at 100, as a 0-dim tensor; accepts any one-element shape.
+
+    The clamp lives in the forward (not on the parameter) so that mixed-precision engines,
+    which keep an fp32 master copy, are clamped too.
+    """
+    if logit_scale.numel() != 1:
+        raise ValueError(f"logit_scale must have one element, got shape {tuple(logit_scale.shape)}")
+    return logit_scale.reshape(()).clamp(max=MAX_LOGIT_SCALE).exp()
+
+
+def _compute_dtype(features: torch.Tensor) -> torch.dtype:
+    # Softmax / cross-entropy in fp16 or bf16 loses too much: do them in at least fp32.
+    return torch.promote_types(features.dtype, torch.float32)
+
+
+def _check_pair(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    if image_features.dim() != 2 or image_features.shape != text_features.shape:
+        raise ValueError(
+            "image_features and text_features must both be (b, d) with the same shape, got "
+            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
+
+
+def disco_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """The DisCo-CLIP loss: exact full-batch CLIP loss with O(b·B) logits per rank.
+
+    Args:
+        image_features, text_features: this rank's b L2-normalised embeddings, (b, d) each, any
+            float dtype. Every rank in `group` must pass the same b.
+        logit_scale: the log-scale parameter, any shape with one element (HF's is 0-dim).
+        group: the data-parallel process group; None means the default group. Without an
+            initialised process group (or with world size 1) this is the plain CLIP loss.
+
+    Returns:
+        This rank's mean over its b rows of the symmetric cross-entropy (see the module
+        docstring for how it relates to the full-batch loss and its gradients).
+    """
+    _check_pair(image_features, text_features)
+    rank, _ = _world(group)
+    b = image_features.shape[0]
+    dtype = _compute_dtype(image_features)
+    scale = logit_scale_value(logit_scale).to(dtype)
+
+    all_image = gather_rows(image_features, group)  # (B, d)
+    all_text = gather_rows(text_features, group)  # (B, d)
+    # Only this rank's rows, in both directions: (b, d) · (d, B) -> (b, B)
+    logits_image = scale * (image_features @ all_text.T).to(dtype)
+    logits_text = scale * (text_features @ all_image.T).to(dtype)
+    labels = torch.arange(b, device=image_features.device) + rank * b
+    return 0.5 * (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels))
+
+
+def full_batch_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """The naive distributed baseline: every rank builds the full B×B logit matrix.
+
+    Same signature and scaling contract as `disco_clip_loss` (it returns the full-batch loss L
+    on every rank, whose mean over ranks is L). Memory per rank is O(B²): this is what OpenCLIP
+    does by default and what DisCo removes. Kept for benchmarks and parity tests.
+    """
+    _check_pair(image_features, text_features)
+    dtype = _compute_dtype(image_features)
+    scale = logit_scale_value(logit_scale).to(dtype)
+
+    all_image = gather_rows(image_features, group)  # (B, d)
+    all_text = gather_rows(text_features, group)  # (B, d)
+    logits = scale * (all_image @ all_text.T).to(dtype)  # (B, d) · (d, B) -> (B, B)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
