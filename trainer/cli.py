@@ -12,7 +12,9 @@ import importlib
 import sys
 
 # subcommand -> module that owns it
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "make-synthetic": "data.synthetic",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,129 @@
+"""`DataConfig`: everything the input pipeline needs, validated cheaply (no decoding)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data.shards import expand_shards
+from data.tokenizer import BUILTIN_TOKENIZER_DIR, missing_tokenizer_files
+
+SOURCES = ("webdataset", "hf")
+MAKE_HINT = "run 'disco-clip make-synthetic --out DIR' or fix the path"
+
+
+@dataclass
+class DataConfig:
+    """The `data.` section of the run config."""
+
+    source: str = "webdataset"
+    """Where training pairs come from: "webdataset" (tar shards) or "hf" (`datasets`)."""
+
+    train_shards: str = ""
+    """webdataset only: a shard path, a brace pattern (`train/{000000..000009}.tar`), a
+    comma-separated list of those, or a directory whose *.tar files are used (sorted)."""
+
+    hf_path: str = ""
+    """hf only: a `save_to_disk` directory, a parquet file/directory, or an imagefolder directory
+    (images plus metadata.jsonl/csv holding the caption column)."""
+
+    hf_split: str = "train"
+    """hf only: split to read (ignored for a `save_to_disk` directory of a single Dataset)."""
+
+    hf_streaming: bool = False
+    """hf only: stream examples instead of loading the table (resume then replays the stream
+    up to the saved position without decoding images)."""
+
+    image_column: str = "image"
+    """hf only: column holding the image (an `Image` feature, bytes, or a path)."""
+
+    text_column: str = "text"
+    """hf only: column holding the caption string."""
+
+    tokenizer: str = str(BUILTIN_TOKENIZER_DIR)
+    """Local directory of a saved CLIPTokenizer (default: the one shipped in data/)."""
+
+    image_size: int = 64
+    """Side S of the square (3, S, S) pixel tensors fed to the vision tower."""
+
+    context_length: int = 77
+    """Token ids per caption; longer captions are cut keeping eos last, shorter are padded."""
+
+    shuffle_buffer: int = 1000
+    """Samples held by the sample-level shuffle buffer of each loader worker (0 = no shuffle
+    beyond the per-epoch shard permutation)."""
+
+    resampled: bool = False
+    """Draw shards with replacement forever instead of visiting each once per epoch."""
+
+    allow_pipe: bool = False
+    """Allow shell `pipe:` shard URLs (they run a command: off unless you mean it)."""
+
+    workers: int = 2
+    """DataLoader worker processes per rank (0 = in-process). The sample order depends on it, so
+    resume needs the same value; each worker reads its own shards, batches come round-robin."""
+
+    random_resized_crop_scale: tuple[float, float] = field(default=(0.9, 1.0))
+    """Area fraction range of the training random-resized crop ((1.0, 1.0) = no crop)."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field, what is wrong and what to do."""
+        if self.source not in SOURCES:
+            raise ValueError(f"source: '{self.source}' is not one of {list(SOURCES)}")
+        if self.source == "webdataset":
+            self._validate_shards()
+        else:
+            self._validate_hf()
+        missing = missing_tokenizer_files(self.tokenizer)
+        if missing:
+            raise ValueError(
+                f"tokenizer: '{self.tokenizer}' lacks {', '.join(missing)}; "
+                f"point it at a saved CLIPTokenizer directory (e.g. DIR/tokenizer from "
+                f"'disco-clip make-synthetic')"
+            )
+        _positive("image_size", self.image_size)
+        if self.context_length < 2:
+            raise ValueError(
+                f"context_length: {self.context_length} leaves no room for bos and eos; use >= 2"
+            )
+        if self.shuffle_buffer < 0:
+            raise ValueError(
+                f"shuffle_buffer: {self.shuffle_buffer} < 0; use 0 to disable shuffling"
+            )
+        if self.workers < 0:
+            raise ValueError(f"workers: {self.workers} < 0; use 0 to load in the training process")
+        low, high = self.random_resized_crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(
+                f"random_resized_crop_scale: {tuple(self.random_resized_crop_scale)} is not "
+                f"0 < low <= high <= 1; e.g. (0.9, 1.0)"
+            )
+
+    def _validate_shards(self) -> None:
+        if not self.train_shards:
+            raise ValueError(f"train_shards: empty; {MAKE_HINT}")
+        if "pipe:" in self.train_shards and not self.allow_pipe:
+            raise ValueError(
+                "train_shards: 'pipe:' URLs run shell commands and are refused; "
+                "set data.allow_pipe=true if you trust them"
+            )
+        if not expand_shards(self.train_shards, allow_pipe=self.allow_pipe):
+            raise ValueError(
+                f"train_shards: no .tar files match '{self.train_shards}'; {MAKE_HINT}"
+            )
+
+    def _validate_hf(self) -> None:
+        if not self.hf_path:
+            raise ValueError(
+                "hf_path: empty; set it to a save_to_disk, parquet or imagefolder path"
+            )
+        if not Path(self.hf_path).exists():
+            raise ValueError(f"hf_path: '{self.hf_path}' does not exist; fix the path")
+        for name in ("image_column", "text_column", "hf_split"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: empty; set it to the dataset's column/split name")
+
+
+def _positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"{name}: {value} must be a positive integer")

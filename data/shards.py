@@ -1,0 +1,118 @@
+"""Tar shards in img2dataset's webdataset layout: expanding shard specs, reading raw samples,
+writing deterministic shards.
+
+Reading is raw on purpose (bytes, never decoded): the loader shuffles and counts raw samples and
+decodes only the ones it yields, so resuming can replay a position without decoding.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class RawSample:
+    """One sample as stored: where it came from and its undecoded members.
+
+    `error` is set for a sample that cannot be used whatever happens next (a truncated tar);
+    the loader skips and counts it at the position where it would have been yielded."""
+
+    shard: str
+    key: str
+    image: bytes | None = None
+    text: bytes | None = None
+    meta: bytes | None = None
+    error: str | None = None
+
+
+def expand_shards(spec: str, *, allow_pipe: bool = False) -> list[str]:
+    """Shard URLs of a spec: a directory (its *.tar, sorted), a brace pattern, or a path.
+
+    Only existing local files are returned (plus `pipe:` URLs when allowed), so an empty list
+    means nothing matched."""
+    if spec.startswith("pipe:"):
+        return [spec] if allow_pipe else []
+    path = Path(spec)
+    if path.is_dir():
+        return [str(p) for p in sorted(path.glob("*.tar"))]
+    return [url for url in braceexpand.braceexpand(spec) if Path(url).is_file()]
+
+
+def _open(url: str, allow_pipe: bool) -> tuple[io.RawIOBase, subprocess.Popen | None]:
+    if url.startswith("pipe:"):
+        if not allow_pipe:
+            raise ValueError(f"train_shards: refusing shell URL '{url}' (set data.allow_pipe=true)")
+        proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE)
+        return proc.stdout, proc
+    return open(url, "rb"), None
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """'dir/000000123.jpg' -> ('dir/000000123', 'jpg'): webdataset keys end at the basename's
+    first dot, so 'x.seg.png' belongs to key 'x' with extension 'seg.png'."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def read_shard(url: str, *, allow_pipe: bool = False) -> Iterator[RawSample]:
+    """Raw samples of one shard in stored order. A truncated or unreadable tar ends the shard
+    with one `error` sample naming it (the samples before it are still yielded)."""
+    stream, proc = _open(url, allow_pipe)
+    current: RawSample | None = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_name(member.name)
+                data = tar.extractfile(member).read()
+                if current is not None and key != current.key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = RawSample(shard=url, key=key)
+                if ext in IMAGE_EXTS and current.image is None:
+                    current.image = data
+                elif ext == "txt":
+                    current.text = data
+                elif ext == "json":
+                    current.meta = data
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        # The half-read sample is dropped with the rest of the shard: it may be incomplete.
+        yield RawSample(
+            shard=url, key=current.key if current else "?", error=f"truncated tar: {exc}"
+        )
+        current = None
+    finally:
+        stream.close()
+        if proc is not None:
+            proc.wait()
+    if current is not None:
+        yield current
+
+
+def write_shard(path: Path, members: Iterable[tuple[str, bytes]]) -> None:
+    """Write (name, bytes) members to a tar whose bytes depend only on the members: fixed
+    mtime, owner and mode, in the order given."""
+    with (
+        open(path, "wb") as raw,
+        tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+    ):
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))

@@ -1,0 +1,63 @@
+"""Loading the CLIP tokenizer from a local directory and batching text to fixed-length ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import CLIPTokenizer
+
+# The directory shipped with the package (trained once by data/train_tokenizer.py).
+BUILTIN_TOKENIZER_DIR = Path(__file__).parent / "tokenizer_files"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def missing_tokenizer_files(path: str | Path) -> list[str]:
+    """Names of the files CLIPTokenizer needs that are absent from `path` (cheap check)."""
+    path = Path(path)
+    if not path.is_dir():
+        return list(TOKENIZER_FILES)
+    has_json = (path / "tokenizer.json").is_file()
+    has_bpe = (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
+    missing = [] if has_json or has_bpe else ["tokenizer.json (or vocab.json + merges.txt)"]
+    if not (path / "tokenizer_config.json").is_file():
+        # Without it there is no pad token and pipelines cannot batch.
+        missing.append("tokenizer_config.json")
+    return missing
+
+
+def load_tokenizer(path: str | Path) -> CLIPTokenizer:
+    """Load a CLIP tokenizer from a local directory, never from the hub."""
+    missing = missing_tokenizer_files(path)
+    if missing:
+        raise ValueError(
+            f"tokenizer: '{path}' is not a tokenizer directory (missing {', '.join(missing)}); "
+            f"point it at a saved CLIPTokenizer, e.g. DIR/tokenizer from 'disco-clip make-synthetic'"
+        )
+    tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"tokenizer: '{path}' has no eos or pad token; set them in tokenizer_config.json"
+        )
+    return tokenizer
+
+
+def tokenize(
+    tokenizer: CLIPTokenizer, texts: list[str], context_length: int = 77
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask, both (n, context_length) int64.
+
+    Long texts are cut so that the eos token stays last: CLIP's text tower pools at the first
+    eos, so dropping it would pool at a padding position instead.
+    """
+    if context_length < 2:
+        raise ValueError("context_length: must be >= 2 (room for bos and eos)")
+    encoded = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+    ids = torch.full((len(encoded), context_length), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), context_length), dtype=torch.long)
+    for row, seq in enumerate(encoded):
+        if len(seq) > context_length:
+            seq = [*seq[: context_length - 1], tokenizer.eos_token_id]
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask

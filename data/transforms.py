@@ -1,0 +1,108 @@
+"""CLIP image preprocessing with PIL + torch (torchvision does not import beside torch 2.13).
+
+The eval transform reproduces `CLIPImageProcessor(size={"shortest_edge": S},
+crop_size={"height": S, "width": S})`: resize the short side to S with PIL bicubic, centre
+crop, scale to [0, 1], normalise with CLIP's mean/std (tests/unit/test_data_transforms.py
+measures the agreement).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+_MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
+_STD = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
+
+
+def to_normalised_tensor(image: Image.Image) -> torch.Tensor:
+    """(H, W) RGB PIL image -> (3, H, W) float32 normalised with CLIP's mean/std."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    tensor = torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W)
+    return (tensor - _MEAN) / _STD
+
+
+def _resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    # Same rounding as transformers' get_resize_output_image_size (int of the scaled long side).
+    new_long = int(size * long / short)
+    new_size = (size, new_long) if width <= height else (new_long, size)
+    if new_size == image.size:
+        return image
+    return image.resize(new_size, resample=Image.Resampling.BICUBIC)
+
+
+def _centre_crop(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    # Same offsets as transformers' center_crop: floor((dim - size) / 2).
+    left = (width - size) // 2
+    top = (height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> (3, S, S) float32, matching CLIPImageProcessor for the same size."""
+
+    def apply(image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        return to_normalised_tensor(_centre_crop(_resize_short_side(image, image_size), image_size))
+
+    return apply
+
+
+def sample_seed(seed: int, epoch: int, key: str) -> np.random.SeedSequence:
+    """Randomness for one training sample, a pure function of (seed, epoch, key) so that a
+    resumed run draws exactly the crops an uninterrupted one would have."""
+    key_words = list(key.encode("utf-8")) or [0]
+    return np.random.SeedSequence([seed, epoch, len(key_words), *key_words])
+
+
+def train_transform(
+    image_size: int,
+    scale: tuple[float, float] = (0.9, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Callable[[Image.Image, np.random.SeedSequence], torch.Tensor]:
+    """Random resized crop (bicubic) to S x S, then CLIP normalisation.
+
+    The returned callable takes the image and a `SeedSequence` (see `sample_seed`); it never
+    touches global RNG state, so worker processes and resumed runs agree bit for bit.
+    """
+
+    def apply(image: Image.Image, seed: np.random.SeedSequence) -> torch.Tensor:
+        image = image.convert("RGB")
+        rng = np.random.default_rng(seed)
+        box = _random_box(image.size, scale, ratio, rng)
+        crop = image.resize((image_size, image_size), resample=Image.Resampling.BICUBIC, box=box)
+        return to_normalised_tensor(crop)
+
+    return apply
+
+
+def _random_box(
+    size: tuple[int, int],
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: np.random.Generator,
+) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a crop covering a random area fraction and aspect ratio;
+    the whole image if ten tries fail (the usual RandomResizedCrop recipe)."""
+    width, height = size
+    area = width * height
+    log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = float(np.exp(rng.uniform(*log_ratio)))
+        w = round(np.sqrt(target * aspect))
+        h = round(np.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return (left, top, left + w, top + h)
+    return (0, 0, width, height)
