@@ -1,0 +1,53 @@
+"""Which contrastive loss the trainer uses: a name → function table and its config.
+
+Every entry honours the scaling contract of trainer/loss.py and takes
+`(image_features, text_features, logit_scale, ..., group=None)`. Two differ in extra
+arguments: "siglip" needs a `logit_bias` after `logit_scale` (see `needs_bias`), and "tiled"
+accepts `tile_size` (see `loss_kwargs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from trainer.loss import disco_clip_loss, full_batch_clip_loss
+from trainer.loss_siglip import siglip_loss
+from trainer.loss_tiled import DEFAULT_TILE_SIZE, tiled_disco_clip_loss
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "disco": disco_clip_loss,
+    "naive": full_batch_clip_loss,
+    "tiled": tiled_disco_clip_loss,
+    "siglip": siglip_loss,
+}
+_BIAS_LOSSES = frozenset({"siglip"})
+
+
+def needs_bias(name: str) -> bool:
+    """True when LOSSES[name] takes a `logit_bias` argument right after `logit_scale`."""
+    return name in _BIAS_LOSSES
+
+
+@dataclass
+class LossConfig:
+    """The contrastive objective."""
+
+    name: str = "disco"
+    """One of LOSSES: disco (exact, O(b·B) per rank), naive (O(B²), baseline), tiled (exact,
+    O(b·t + B·d)), siglip (sigmoid loss; the model needs a logit_bias parameter)."""
+    tile_size: int = DEFAULT_TILE_SIZE
+    """Columns per tile for "tiled"; ignored otherwise. Any value is exact; it trades memory
+    (b·t per tile) for matmul efficiency."""
+
+    def validate(self) -> None:
+        if self.name not in LOSSES:
+            raise ValueError(f"name: unknown loss {self.name!r}; choose one of {sorted(LOSSES)}")
+        if self.tile_size < 1:
+            raise ValueError(f"tile_size: must be ≥ 1, got {self.tile_size}")
+
+    def loss_kwargs(self) -> dict[str, int]:
+        """Keyword arguments beyond the common ones that LOSSES[self.name] expects."""
+        return {"tile_size": self.tile_size} if self.name == "tiled" else {}
