@@ -14,6 +14,9 @@ import sys
 # subcommand -> module that owns it
 SUBCOMMANDS: dict[str, str] = {
     "make-synthetic": "data.synthetic",
+    "eval": "trainer.eval_cli",
+    "export": "trainer.export",
+    "plot": "trainer.plot",
 }
 
 

@@ -1,0 +1,274 @@
+"""Zero-shot classification and image↔text retrieval, sharded over ranks.
+
+`run_periodic_eval` is what the training loop calls every `eval.every` steps on every rank;
+`evaluate` is the same computation for a model loaded outside training (`disco-clip eval`,
+see trainer/eval_cli.py). Each rank encodes every world_size-th sample, features are gathered,
+and the metrics (trainer/zeroshot.py, trainer/retrieval.py) are computed on all ranks alike.
+
+Under ZeRO-3 every forward is a collective (parameters are gathered per module), so every rank
+must run the same number of forwards: a rank that ran out of samples encodes a dummy batch
+and drops the result until all ranks agree they are done.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+from trainer.retrieval import recall_at_k
+from trainer.zeroshot import BUILTIN_TEMPLATE_SETS, class_embeddings, prompts, zeroshot_metrics
+
+T = TypeVar("T")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate every this many steps during training (0 = never; also runs at the end if > 0)."""
+    zeroshot_dir: str = ""
+    """Zero-shot set: an ImageFolder directory (one folder per class, e.g. DIR/val from
+    make-synthetic) or webdataset shards (a dir of .tar, a brace pattern) whose .json has an
+    int `label`. "" = no zero-shot eval."""
+    classnames: str = ""
+    """classnames.txt (one class per line, in label order); "" = look for classnames.txt in
+    zeroshot_dir, then in its parent."""
+    templates: str = "builtin"
+    """Prompt templates: "builtin" (small set for the built-in dataset), "imagenet80" (CLIP's
+    80 ImageNet prompts) or a text file with one template per line, each with one '{}'."""
+    retrieval_shards: str = ""
+    """Held-out image-caption pairs (webdataset shards, e.g. DIR/val_pairs) for recall@1/5/10;
+    "" = no retrieval eval."""
+    batch_size: int = 64
+    """Images (or prompts) per forward, per rank."""
+    max_samples: int = 0
+    """Use at most this many images of each eval set (0 = all)."""
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"every must be >= 0 (0 = off), got {self.every}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.max_samples < 0:
+            raise ValueError(f"max_samples: must be >= 0 (0 = all), got {self.max_samples}")
+        if self.templates not in BUILTIN_TEMPLATE_SETS and not Path(self.templates).is_file():
+            raise ValueError(
+                f"templates: {self.templates!r} is not a file; use builtin, imagenet80 or a "
+                "text file with one template per line"
+            )
+        if self.zeroshot_dir and not _is_imagefolder(self.zeroshot_dir):
+            from data.shards import expand_shards
+
+            if not expand_shards(self.zeroshot_dir):
+                raise ValueError(
+                    f"zeroshot_dir: {self.zeroshot_dir} is neither an ImageFolder directory nor "
+                    "matches .tar shards; point it at e.g. DIR/val from make-synthetic"
+                )
+        if self.zeroshot_dir and self.every and not find_classnames(self):
+            raise ValueError(
+                f"classnames: no classnames.txt in {self.zeroshot_dir} or its parent; set "
+                "eval.classnames to the file"
+            )
+        if self.retrieval_shards:
+            from data.shards import expand_shards
+
+            if not expand_shards(self.retrieval_shards):
+                raise ValueError(
+                    f"retrieval_shards: no .tar files match {self.retrieval_shards}; point it "
+                    "at held-out pairs, e.g. DIR/val_pairs"
+                )
+
+
+def _is_imagefolder(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and any(child.is_dir() for child in p.iterdir())
+
+
+def find_classnames(cfg: EvalConfig) -> Path | None:
+    if cfg.classnames:
+        return Path(cfg.classnames) if Path(cfg.classnames).is_file() else None
+    root = Path(cfg.zeroshot_dir)
+    for candidate in (root / "classnames.txt", root.parent / "classnames.txt"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# ---- encoders that work on any CLIPModel (ours or a plain HF one) -------------------------
+
+
+def encode_images(model, pixels: torch.Tensor) -> torch.Tensor:
+    """(n, 3, S, S) -> (n, d) normalised fp32. Tower + projection called directly: under
+    ZeRO-3 each module gathers its own parameters, and CLIPModel.forward is not needed."""
+    dtype = next(model.parameters()).dtype
+    pooled = model.vision_model(pixel_values=pixels.to(dtype)).pooler_output
+    return F.normalize(model.visual_projection(pooled).float(), dim=-1)
+
+
+def encode_texts(model, tokenizer, texts: list[str]) -> torch.Tensor:
+    """n strings -> (n, d) normalised fp32, tokenized exactly as in training."""
+    from data.tokenizer import tokenize
+
+    ids, mask = tokenize(tokenizer, texts, model.config.text_config.max_position_embeddings)
+    pooled = model.text_model(input_ids=ids, attention_mask=mask).pooler_output
+    return F.normalize(model.text_projection(pooled).float(), dim=-1)
+
+
+# ---- sharding: each rank encodes its share, everyone gets everything ----------------------
+
+
+def _any_rank(flag: bool, world_size: int) -> bool:
+    if world_size == 1 or not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_encoded(
+    encode: Callable[[list[T]], dict[str, torch.Tensor]],
+    items: Iterable[T],
+    *,
+    dummy: T,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+) -> dict[str, torch.Tensor]:
+    """Encode this rank's share (items rank, rank+W, ...) in batches; return every rank's
+    outputs concatenated (row order: rank-major, which callers never rely on: each output
+    row carries its own label/partner). Empty dict if there were no items at all."""
+    mine: Iterator[T] = itertools.islice(items, rank, None, world_size)
+    outputs: list[dict[str, torch.Tensor]] = []
+    empty: dict[str, torch.Tensor] = {}
+    while True:
+        batch = list(itertools.islice(mine, batch_size))
+        if not _any_rank(bool(batch), world_size):
+            break
+        out = encode(batch or [dummy])  # same forwards on every rank (ZeRO-3)
+        empty = {k: v[:0] for k, v in out.items()}
+        if batch:
+            outputs.append(out)
+    local = {k: torch.cat([o[k] for o in outputs]) for k in empty} if outputs else empty
+    if world_size == 1 or not dist.is_initialized():
+        return local
+    everyone: list[Any] = [None] * world_size
+    dist.all_gather_object(everyone, local)
+    keys = next((part.keys() for part in everyone if part), [])
+    return {k: torch.cat([part[k] for part in everyone if part]) for k in keys}
+
+
+def _open(image: Image.Image | Path) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    with Image.open(image) as img:
+        return img.convert("RGB")
+
+
+# ---- the two evaluations -------------------------------------------------------------------
+
+
+def zeroshot_samples(cfg: EvalConfig) -> tuple[list[str], Iterable[tuple[Any, int]]]:
+    """(classnames, (image or path, label) samples) of the configured zero-shot set."""
+    from data.eval_sets import imagefolder_samples, load_classnames, wds_labelled
+
+    path = find_classnames(cfg)
+    if path is None:
+        raise ValueError(f"eval.classnames: no classnames.txt found for {cfg.zeroshot_dir}")
+    names = load_classnames(path)
+    if _is_imagefolder(cfg.zeroshot_dir):
+        samples: Iterable[tuple[Any, int]] = imagefolder_samples(cfg.zeroshot_dir, names)
+    else:
+        samples = wds_labelled(cfg.zeroshot_dir)
+    if cfg.max_samples:
+        samples = itertools.islice(samples, cfg.max_samples)
+    return names, samples
+
+
+def zeroshot_eval(model, tokenizer, cfg: EvalConfig, *, rank: int, world_size: int) -> dict:
+    from data.transforms import eval_transform
+    from trainer.zeroshot import load_templates
+
+    names, samples = zeroshot_samples(cfg)
+    templates = load_templates(cfg.templates)
+    size = model.config.vision_config.image_size
+    transform = eval_transform(size)
+    shard = dict(batch_size=cfg.batch_size, rank=rank, world_size=world_size)
+
+    def encode_prompts(batch: list[tuple[int, str]]) -> dict[str, torch.Tensor]:
+        return {
+            "text": encode_texts(model, tokenizer, [text for _, text in batch]),
+            "cls": torch.tensor([c for c, _ in batch]),
+        }
+
+    def encode_batch(batch: list[tuple[Any, int]]) -> dict[str, torch.Tensor]:
+        pixels = torch.stack([transform(_open(img)) for img, _ in batch])  # (n, 3, S, S)
+        return {"image": encode_images(model, pixels), "label": torch.tensor([y for _, y in batch])}
+
+    text = gather_encoded(encode_prompts, prompts(names, templates), dummy=(0, "a"), **shard)
+    emb = class_embeddings(text["text"], text["cls"], len(names))  # (C, d)
+    black = Image.new("RGB", (size, size))
+    images = gather_encoded(encode_batch, samples, dummy=(black, 0), **shard)
+    if not images:
+        raise ValueError(f"eval.zeroshot_dir: no labelled images in {cfg.zeroshot_dir}")
+    metrics = zeroshot_metrics(images["image"], images["label"], emb)
+    return {**metrics, "zeroshot_images": len(images["label"])}
+
+
+def retrieval_eval(model, tokenizer, cfg: EvalConfig, *, rank: int, world_size: int) -> dict:
+    from data.eval_sets import wds_pairs
+    from data.transforms import eval_transform
+
+    size = model.config.vision_config.image_size
+    transform = eval_transform(size)
+    pairs: Iterable[tuple[Image.Image, str]] = wds_pairs(cfg.retrieval_shards)
+    if cfg.max_samples:
+        pairs = itertools.islice(pairs, cfg.max_samples)
+
+    def encode_batch(batch: list[tuple[Image.Image, str]]) -> dict[str, torch.Tensor]:
+        pixels = torch.stack([transform(img) for img, _ in batch])  # (n, 3, S, S)
+        return {
+            "image": encode_images(model, pixels),
+            "text": encode_texts(model, tokenizer, [caption for _, caption in batch]),
+        }
+
+    dummy = (Image.new("RGB", (size, size)), "a")
+    feats = gather_encoded(
+        encode_batch, pairs, dummy=dummy, batch_size=cfg.batch_size, rank=rank,
+        world_size=world_size,
+    )  # fmt: skip
+    if not feats:
+        raise ValueError(f"eval.retrieval_shards: no image-caption pairs in {cfg.retrieval_shards}")
+    return {**recall_at_k(feats["image"], feats["text"]), "retrieval_pairs": len(feats["image"])}
+
+
+def evaluate(model, tokenizer, cfg: EvalConfig, *, rank: int = 0, world_size: int = 1) -> dict:
+    """Every configured evaluation; collective when world_size > 1 (call on all ranks)."""
+    was_training = model.training
+    model.eval()
+    metrics: dict[str, float] = {}
+    try:
+        with torch.no_grad():
+            if cfg.zeroshot_dir:
+                metrics.update(
+                    zeroshot_eval(model, tokenizer, cfg, rank=rank, world_size=world_size)
+                )
+            if cfg.retrieval_shards:
+                metrics.update(
+                    retrieval_eval(model, tokenizer, cfg, rank=rank, world_size=world_size)
+                )
+    finally:
+        model.train(was_training)
+    return metrics
+
+
+def run_periodic_eval(model, cfg: EvalConfig, parts, info) -> dict[str, float]:
+    """Called by the training loop on every rank at the same step; returns the same metrics
+    on every rank (rank 0 logs them)."""
+    return evaluate(model, parts.tokenizer, cfg, rank=info.rank, world_size=info.world_size)
