@@ -30,4 +30,6 @@ def take(it, n: int) -> list[dict[str, torch.Tensor]]:
 
 
 def same(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+    return len(a) == len(b) and all(
+        torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 
 import pytest
@@ -18,7 +19,7 @@ N = 48
 @pytest.fixture(scope="module")
 def pairs(synthetic_dir):
     """48 (image, caption) pairs from the synthetic val_pairs shard."""
-    return [pair for pair, _ in zip(wds_pairs(str(synthetic_dir / "val_pairs")), range(N))]
+    return list(itertools.islice(wds_pairs(str(synthetic_dir / "val_pairs")), N))
 
 
 def _jpeg(image: Image.Image) -> bytes:
@@ -88,10 +89,10 @@ def test_hf_sources_yield_exact_batches_and_resume(kind, streaming, request):
 
 def test_wrong_column_name_is_a_clear_error(saved_dir):
     cfg = _cfg(saved_dir, False, image_column="image", text_column="caption")
-    with pytest.raises(ValueError, match="^image_column: 'image'"):
+    with pytest.raises(ValueError, match=r"^image_column: 'image'"):
         take(loader(cfg, batch=4), 1)
 
 
 def test_missing_hf_path_fails_validation(tmp_path):
-    with pytest.raises(ValueError, match="^hf_path: .* does not exist"):
+    with pytest.raises(ValueError, match=r"^hf_path: .* does not exist"):
         DataConfig(source="hf", hf_path=str(tmp_path / "nope")).validate()
