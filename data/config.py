@@ -20,8 +20,8 @@ class DataConfig:
     """Where training pairs come from: "webdataset" (tar shards) or "hf" (`datasets`)."""
 
     train_shards: str = ""
-    """webdataset only: a shard path, a brace pattern (`train/{000000..000009}.tar`), a
-    comma-separated list of those, or a directory whose *.tar files are used (sorted)."""
+    """webdataset only: a shard path, a brace pattern (`train/{000000..000009}.tar`,
+    `{a,b}.tar`), a directory whose *.tar files are used (sorted), or a `pipe:` URL if allowed."""
 
     hf_path: str = ""
     """hf only: a `save_to_disk` directory, a parquet file/directory, or an imagefolder directory

@@ -68,6 +68,11 @@ class TrainLoader:
         """Bad samples (undecodable, missing caption, truncated tar) skipped on this rank."""
         return sum(p.skipped for p in self.positions)
 
+    @property
+    def epoch(self) -> int:
+        """Epochs every worker of this rank has finished (workers roll over independently)."""
+        return min(p.epoch for p in self.positions)
+
     def __iter__(self) -> TrainLoader:
         return self
 
