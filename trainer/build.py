@@ -1,0 +1,87 @@
+"""Setup for a training run: tokenizer, model, DeepSpeed engine, data loader.
+
+Kept apart from train.py so the loop there reads like the algorithm. Each build_* function
+takes only the config sections it needs.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trainer.config import Config
+from trainer.dist import DistInfo
+from trainer.engine import (
+    WarmupCosine,
+    build_deepspeed_config,
+    initialize,
+    zero_stage,
+)
+from trainer.model import TokenIds, build_clip_config, build_model
+
+
+@dataclass
+class Components:
+    engine: Any
+    loader: Any
+    tokenizer: Any
+    ds_config: dict
+    # Under ZeRO-3, transformers must see a live HfDeepSpeedConfig for as long as the model
+    # exists (it decides partitioned construction and gathered saving).
+    hf_ds_config: Any = None
+
+
+def token_ids(tokenizer) -> TokenIds:
+    return TokenIds(
+        vocab_size=len(tokenizer),
+        bos=tokenizer.bos_token_id,
+        eos=tokenizer.eos_token_id,
+        pad=tokenizer.pad_token_id,
+    )
+
+
+def build_components(cfg: Config, info: DistInfo) -> Components:
+    from data.loader import build_train_loader
+    from data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    ds_config = build_deepspeed_config(
+        cfg.deepspeed.load(),
+        global_batch_size=cfg.train.global_batch_size,
+        world_size=info.world_size,
+        precision=cfg.train.precision,
+        optim=cfg.optim,
+    )
+    hf_ds_config = None
+    if zero_stage(ds_config) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds_config = HfDeepSpeedConfig(ds_config)
+
+    # Identical initial weights on every rank (ZeRO-3 partitions each rank's own init).
+    random.seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+    clip_config = build_clip_config(cfg.model, token_ids(tokenizer), cfg.data.context_length)
+    model = build_model(
+        cfg.model,
+        clip_config,
+        with_bias=cfg.loss.name == "siglip",
+        zero3=hf_ds_config is not None,
+    )
+    schedule = WarmupCosine(cfg.schedule.warmup_steps, cfg.train.steps, cfg.schedule.min_lr_ratio)
+    engine = initialize(model, ds_config, schedule)
+    # From here on, randomness (dropout) differs per rank, as each rank sees other samples.
+    torch.manual_seed(cfg.run.seed + 1 + info.rank)
+
+    loader = build_train_loader(
+        cfg.data,
+        rank=info.rank,
+        world_size=info.world_size,
+        local_batch_size=cfg.train.global_batch_size // info.world_size,
+        tokenizer=tokenizer,
+        seed=cfg.run.seed,
+    )
+    return Components(engine, loader, tokenizer, ds_config, hf_ds_config)

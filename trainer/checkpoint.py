@@ -1,0 +1,143 @@
+"""DeepSpeed checkpoints that a crash can never leave looking complete.
+
+Layout under RUN/checkpoints/:
+    step_00000120/             DeepSpeed's files (model, optimizer shards per rank)
+    step_00000120/rank_00001.pt this rank's client state: data position, RNG states
+    step_00000120/COMPLETE     written by rank 0 after every rank finished writing
+    latest                     the newest complete tag, replaced atomically (temp + rename)
+
+`resume=auto` takes the newest tag that has COMPLETE, whatever `latest` says: a kill during a
+write leaves a tag without the marker, which is ignored (and removed by the next cleanup).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save every this many steps (0: only at the end and on preemption signals)."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
+    resume: str = ""
+    """"" starts fresh (refused if the run dir already has checkpoints), "auto" resumes from
+    the newest complete checkpoint if there is one, or a path to a checkpoint tag dir."""
+    at_end: bool = True
+    """Save when training finishes."""
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"every must be >= 0 steps (0 = only at the end), got {self.every}")
+        if self.keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
+        if self.resume not in ("", "auto") and not (Path(self.resume) / COMPLETE).is_file():
+            raise ValueError(
+                f"resume: {self.resume} is not a complete checkpoint (no {COMPLETE} marker); "
+                "pass a RUN/checkpoints/step_XXXXXXXX dir or 'auto'"
+            )
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Complete checkpoint tags, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if TAG_RE.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(tags)
+
+
+def find_resume_dir(cfg: CheckpointConfig, ckpt_dir: Path) -> Path | None:
+    if cfg.resume == "auto":
+        tags = complete_tags(ckpt_dir)
+        return ckpt_dir / tags[-1] if tags else None
+    return Path(cfg.resume) if cfg.resume else None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, ckpt_dir: Path, *, step: int, data_state: dict, keep_last: int, rank: int) -> Path:
+    """Collective: every rank must call it at the same step."""
+    tag = tag_for(step)
+    tag_dir = ckpt_dir / tag
+    if rank == 0 and tag_dir.exists():  # a stale incomplete attempt at this same step
+        shutil.rmtree(tag_dir)
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    client = {"step": step, "data": data_state, "rng": _rng_state()}
+    client_path = tag_dir / f"rank_{rank:05d}.pt"
+    tmp = client_path.with_suffix(".tmp")
+    torch.save(client, tmp)
+    os.replace(tmp, client_path)
+    dist.barrier()  # every rank's files are on disk before the marker says so
+    if rank == 0:
+        _atomic_write_text(tag_dir / COMPLETE, f"{step}\n")
+        _atomic_write_text(ckpt_dir / LATEST, f"{tag}\n")
+        _cleanup(ckpt_dir, keep_last)
+    dist.barrier()
+    return tag_dir
+
+
+def _cleanup(ckpt_dir: Path, keep_last: int) -> None:
+    complete = complete_tags(ckpt_dir)
+    keep = set(complete[-keep_last:])
+    newest = complete[-1] if complete else ""
+    for path in ckpt_dir.iterdir():
+        # Old complete tags beyond keep_last, and incomplete ones older than the newest
+        # complete (leftovers of a killed write; a newer incomplete one may be in progress).
+        if TAG_RE.match(path.name) and path.name not in keep and path.name < newest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load(engine, tag_dir: Path, *, rank: int) -> dict:
+    """Restore engine + this rank's RNG; returns the client state (step, data position)."""
+    engine.load_checkpoint(
+        str(tag_dir.parent),
+        tag=tag_dir.name,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
+    client_path = tag_dir / f"rank_{rank:05d}.pt"
+    if not client_path.is_file():
+        raise FileNotFoundError(
+            f"{client_path} missing: the checkpoint was written by a run with a different "
+            "world size; resume with the same number of ranks"
+        )
+    client = torch.load(client_path, weights_only=True)
+    _set_rng_state(client["rng"])
+    return client

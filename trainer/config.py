@@ -1,0 +1,103 @@
+"""The run config: the component configs composed into one root, loaded and validated.
+
+Each component owns its dataclass next to its code; this module only composes them and adds
+the few knobs that belong to the run as a whole (`run.*`, `train.*`).
+Loading order: dataclass defaults ← YAML file ← dotted overrides (`optim.lr=1e-3`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data.config import DataConfig
+from trainer.checkpoint import CheckpointConfig
+from trainer.config_io import (
+    ConfigError,
+    apply_overrides,
+    build_dataclass,
+    read_yaml,
+    validate_tree,
+)
+from trainer.dist import DistConfig
+from trainer.engine import PRECISIONS, DeepSpeedConfig, OptimConfig, ScheduleConfig
+from trainer.evaluate import EvalConfig
+from trainer.metrics import LogConfig
+from trainer.model import ModelConfig
+from trainer.objectives import LossConfig
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard, checkpoints/, plots."""
+    seed: int = 0
+    """Seeds model init, data order and augmentation, dropout."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps to train for."""
+    global_batch_size: int = 64
+    """The contrastive batch B (all ranks together); each rank gets B / world_size."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16 (DeepSpeed mixed precision; the loss reduces in fp32)."""
+    grad_cache_chunks: int = 1
+    """Encode each rank's b pairs in this many chunks with gradient caching: activation
+    memory of b/K samples, contrastive batch still B (1 = off)."""
+    nonfinite: str = "skip"
+    """On a non-finite loss: "skip" the step (counted in metrics) or "stop" the run."""
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+        if self.grad_cache_chunks < 1:
+            raise ValueError(f"grad_cache_chunks must be >= 1, got {self.grad_cache_chunks}")
+        if self.nonfinite not in ("skip", "stop"):
+            raise ValueError(f"nonfinite must be skip or stop, got {self.nonfinite!r}")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def validate_for(self, world_size: int) -> None:
+        """Checks that need the world size, after every section validated itself."""
+        b = self.train.global_batch_size
+        if b % world_size:
+            raise ConfigError(
+                f"train.global_batch_size: {b} is not divisible by the world size "
+                f"{world_size}; DisCo needs the same b on every rank"
+            )
+        if (b // world_size) % self.train.grad_cache_chunks:
+            raise ConfigError(
+                f"train.grad_cache_chunks: {self.train.grad_cache_chunks} does not divide the "
+                f"per-rank batch {b // world_size}"
+            )
+
+
+def load_config(path: str | Path | None, overrides: list[str], world_size: int) -> Config:
+    """Defaults ← YAML ← overrides, then type checks and every section's validate()."""
+    tree = read_yaml(path) if path else {}
+    cfg = build_dataclass(Config, apply_overrides(tree, overrides))
+    validate_tree(cfg)
+    cfg.validate_for(world_size)
+    return cfg

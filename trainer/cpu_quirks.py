@@ -1,0 +1,42 @@
+"""Everything we do differently when there is no CUDA device, in one place.
+
+These paths exist so the whole trainer runs (and is tested) on CPU-only machines with gloo.
+None of them is taken on a GPU machine. What CPU cannot test: NCCL collectives, fused CUDA
+Adam, fp16/bf16 CUDA kernels, pinned-memory offload and real GPU memory figures.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def on_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def skip_deepspeed_shm_build() -> None:
+    """DeepSpeed JIT-compiles a shared-memory comm op at every process start (30–70 s on two
+    cores) that the gloo path does not use."""
+    if on_cuda():
+        return
+    import importlib
+
+    # importlib, not `import deepspeed.comm.torch as m`: that resolves the attribute
+    # `deepspeed.comm.torch`, which is the real torch module re-exported by deepspeed.comm.
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    ds_torch_comm.build_shm_op = lambda: None
+
+
+def adapt_deepspeed_config(ds_config: dict) -> dict:
+    """Use torch's Adam instead of FusedAdam (a CUDA JIT build) and unpinned offload buffers
+    (pinning needs a CUDA context). Returns the config, changed in place."""
+    if on_cuda():
+        return ds_config
+    params = ds_config.get("optimizer", {}).get("params", {})
+    if "torch_adam" in params:
+        params["torch_adam"] = True
+    zero = ds_config.get("zero_optimization", {})
+    for key in ("offload_optimizer", "offload_param"):
+        if isinstance(zero.get(key), dict):
+            zero[key]["pin_memory"] = False
+    return ds_config

@@ -1,0 +1,191 @@
+"""DeepSpeed: config merge ("auto" values from the run config), parameter groups, LR schedule.
+
+The ZeRO stage files in ds_configs/ are standard DeepSpeed JSON. Values we own (batch sizes,
+learning rate, clipping, precision) are written "auto" there and filled from the run config
+here; a concrete value in the JSON that disagrees with the run config is an error rather than
+a silent winner.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from trainer import cpu_quirks
+from trainer.model import SCALAR_PARAMS
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate (AdamW), reached after warmup."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; never applied to biases, norms, logit_scale/logit_bias."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float = 0.0
+    """Global gradient-norm clip; 0 = off. Always passed to DeepSpeed explicitly, since
+    DeepSpeed otherwise clips at 1.0."""
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 0
+    """Linear warmup from 0 to optim.lr over this many steps."""
+    min_lr_ratio: float = 0.0
+    """Cosine decay ends at optim.lr × min_lr_ratio at train.steps."""
+
+    def validate(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "ds_configs/zero2.json"
+    """DeepSpeed JSON (ZeRO stage etc.); relative paths are tried from the working directory,
+    then from the repository root."""
+
+    def resolved_path(self) -> Path:
+        path = Path(self.config)
+        if not path.is_absolute() and not path.exists():
+            path = PACKAGE_ROOT / path
+        return path
+
+    def validate(self) -> None:
+        path = self.resolved_path()
+        if not path.is_file():
+            raise ValueError(
+                f"config: {self.config} not found; use one of ds_configs/zero0.json … zero3.json"
+            )
+        try:
+            json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"config: {path} is not valid JSON ({err.msg}, line {err.lineno})"
+            ) from None
+
+    def load(self) -> dict:
+        return json.loads(self.resolved_path().read_text())
+
+
+class WarmupCosine:
+    """LR multiplier: linear warmup, then cosine to `min_ratio` at `total_steps`.
+
+    A class (not a lambda) so LambdaLR's state_dict can carry it through checkpoints.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float):
+        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _fill_auto(node: Any, values: dict[str, Any], path: str = "") -> Any:
+    """Replace "auto" leaves by `values[dotted path]`; check concrete leaves against them."""
+    if isinstance(node, dict):
+        return {k: _fill_auto(v, values, f"{path}.{k}" if path else k) for k, v in node.items()}
+    if path not in values:
+        if node == "auto":
+            raise ValueError(
+                f"deepspeed.config: {path} is 'auto' but the trainer has no value for it"
+            )
+        return node
+    if node != "auto" and node != values[path]:
+        raise ValueError(
+            f"deepspeed.config: {path} is {node!r} in the JSON but the run config says "
+            f'{values[path]!r}; set it to "auto" or change the run config'
+        )
+    return values[path]
+
+
+def build_deepspeed_config(
+    template: dict,
+    *,
+    global_batch_size: int,
+    world_size: int,
+    precision: str,
+    optim: OptimConfig,
+) -> dict:
+    values = {
+        "train_batch_size": global_batch_size,
+        "train_micro_batch_size_per_gpu": global_batch_size // world_size,
+        # Negatives come only from the same step: accumulation does not enlarge the
+        # contrastive batch (see gradient caching, train.grad_cache_chunks, instead).
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": optim.grad_clip,
+        "bf16.enabled": precision == "bf16",
+        "fp16.enabled": precision == "fp16",
+        "optimizer.params.lr": optim.lr,
+        "optimizer.params.betas": list(optim.betas),
+        "optimizer.params.eps": optim.eps,
+        "optimizer.params.weight_decay": optim.weight_decay,
+        "optimizer.params.torch_adam": False,
+    }
+    config = _fill_auto(copy.deepcopy(template), values)
+    # Clipping must be explicit even if the JSON omitted it: DeepSpeed defaults to 1.0.
+    config["gradient_clipping"] = config.get("gradient_clipping", optim.grad_clip)
+    return cpu_quirks.adapt_deepspeed_config(config)
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on biases, norms, logit_scale / logit_bias."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        # Under ZeRO-3 param.data is an empty partition; ds_shape keeps the real shape.
+        ndim = len(getattr(param, "ds_shape", param.shape))
+        exempt = ndim < 2 or name.endswith(".bias") or "norm" in name or name in SCALAR_PARAMS
+        (no_decay if exempt else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def initialize(model: torch.nn.Module, ds_config: dict, schedule: WarmupCosine):
+    """deepspeed.initialize with our parameter groups and LR schedule; returns the engine."""
+    import deepspeed
+
+    weight_decay = ds_config["optimizer"]["params"]["weight_decay"]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=parameter_groups(model, weight_decay),
+        config=ds_config,
+        lr_scheduler=lambda optimizer: LambdaLR(optimizer, schedule),
+    )
+    return engine

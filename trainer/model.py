@@ -1,0 +1,202 @@
+"""The HF CLIPModel we train: built from a preset or a local HF directory, encoded tower by tower.
+
+`TrainableCLIP` is a CLIPModel (same modules, same state-dict keys, `save_pretrained` works)
+whose forward returns normalised features and `logit_scale` instead of building the local
+B×B logit matrix that `CLIPModel.forward` makes. Two training-only differences:
+- `logit_scale` is a shape-[1] parameter, because DeepSpeed 0.19.8 crashes on 0-dim
+  parameters at every ZeRO stage. State-dict hooks squeeze it to HF's 0-dim shape on save and
+  unsqueeze on load, so checkpoints and exports stay HF-compatible.
+- with the SigLIP loss it also owns a shape-[1] `logit_bias` (see trainer/export.py for how it
+  leaves the model).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPConfig, CLIPModel
+
+# Shape-[1] in training, 0-dim in every saved state dict.
+SCALAR_PARAMS = ("logit_scale", "logit_bias")
+
+PRESETS: dict[str, dict] = {
+    # The demo / test model: learns the built-in dataset in minutes on 2 CPU cores.
+    "tiny": {
+        "vision_config": dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
+        "text_config": dict(
+            hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4
+        ),
+        "projection_dim": 64,
+    },
+    # The paper's model (OpenAI CLIP ViT-B/32 sizes; transformers' defaults).
+    "vit_b32": {
+        "vision_config": dict(
+            image_size=224,
+            patch_size=32,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+        ),
+        "text_config": dict(
+            hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8
+        ),
+        "projection_dim": 512,
+    },
+}
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """Architecture preset: one of PRESETS (tiny, vit_b32). Ignored with pretrained_dir."""
+    pretrained_dir: str = ""
+    """A local Hugging Face CLIP directory (config.json + model.safetensors) to start from."""
+    image_size: int = 0
+    """Input resolution; 0 keeps the preset's."""
+    attention_dropout: float = 0.0
+    """Dropout inside both towers' attention (CLIP's only dropout)."""
+    logit_scale_init: float = math.log(1 / 0.07)
+    """Initial log of the contrastive temperature's inverse (CLIP: ln(1/0.07))."""
+    logit_bias_init: float = -10.0
+    """Initial SigLIP bias (only used with loss.name=siglip)."""
+    gradient_checkpointing: bool = False
+    """Recompute tower activations in backward (HF gradient checkpointing)."""
+
+    def validate(self) -> None:
+        if not self.pretrained_dir and self.preset not in PRESETS:
+            raise ValueError(f"preset: unknown {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.pretrained_dir and not (Path(self.pretrained_dir) / "config.json").is_file():
+            raise ValueError(
+                f"pretrained_dir: {self.pretrained_dir} has no config.json; "
+                "point it at a Hugging Face CLIP directory"
+            )
+        if self.image_size < 0:
+            raise ValueError(f"image_size must be >= 0 (0 = preset's), got {self.image_size}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    vocab_size: int
+    bos: int
+    eos: int
+    pad: int
+
+
+def build_clip_config(cfg: ModelConfig, tokens: TokenIds, context_length: int) -> CLIPConfig:
+    """The CLIPConfig for `cfg`, with the tokenizer's special ids wired in.
+
+    The text tower pools at the first eos token; a wrong eos_token_id silently pools at the
+    wrong position (CPU_NOTES: the default 2 means "argmax id").
+    """
+    if cfg.pretrained_dir:
+        config = CLIPConfig.from_pretrained(cfg.pretrained_dir)
+    else:
+        preset = PRESETS[cfg.preset]
+        config = CLIPConfig(
+            text_config=dict(preset["text_config"], projection_dim=preset["projection_dim"]),
+            vision_config=dict(preset["vision_config"], projection_dim=preset["projection_dim"]),
+            projection_dim=preset["projection_dim"],
+        )
+        config.text_config.max_position_embeddings = context_length
+        config.text_config.vocab_size = tokens.vocab_size
+    config.logit_scale_init_value = cfg.logit_scale_init
+    text = config.text_config
+    text.bos_token_id, text.eos_token_id, text.pad_token_id = tokens.bos, tokens.eos, tokens.pad
+    if cfg.image_size:
+        config.vision_config.image_size = cfg.image_size
+    config.text_config.attention_dropout = cfg.attention_dropout
+    config.vision_config.attention_dropout = cfg.attention_dropout
+    return config
+
+
+def _squeeze_scalars(module, state_dict, prefix, local_metadata) -> None:
+    for name in SCALAR_PARAMS:
+        key = prefix + name
+        if key in state_dict and state_dict[key].dim() == 1:
+            state_dict[key] = state_dict[key].reshape(())
+
+
+def _unsqueeze_scalars(module, state_dict, prefix, *args) -> None:
+    for name in SCALAR_PARAMS:
+        key = prefix + name
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+
+
+class TrainableCLIP(CLIPModel):
+    """CLIPModel whose forward returns (image_features, text_features, logit_scale)."""
+
+    def __init__(self, config: CLIPConfig, *, with_bias: bool = False, bias_init: float = -10.0):
+        super().__init__(config)
+        self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init_value)))
+        self.logit_bias = nn.Parameter(torch.full((1,), bias_init)) if with_bias else None
+        self.register_state_dict_post_hook(_squeeze_scalars)
+        self.register_load_state_dict_pre_hook(_unsqueeze_scalars)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pooled = self.vision_model(pixel_values=pixel_values).pooler_output  # (b, hidden)
+        return F.normalize(self.visual_projection(pooled), dim=-1)  # (b, d)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return F.normalize(self.text_projection(pooled), dim=-1)  # (b, d)
+
+    def forward(self, pixel_values, input_ids, attention_mask):  # type: ignore[override]
+        # logit_scale/logit_bias are returned from this (root) forward on purpose: under ZeRO-3
+        # a module's own parameters are gathered only while its forward runs.
+        return (
+            self.encode_image(pixel_values),
+            self.encode_text(input_ids, attention_mask),
+            self.logit_scale,
+            self.logit_bias,
+        )
+
+
+def build_model(
+    cfg: ModelConfig, config: CLIPConfig, *, with_bias: bool, zero3: bool
+) -> TrainableCLIP:
+    """Construct the model (partitioned at construction under ZeRO-3), then load weights.
+
+    Under ZeRO-3 the caller must hold a live `HfDeepSpeedConfig` so that transformers
+    constructs inside `deepspeed.zero.Init`.
+    """
+    model = TrainableCLIP._from_config(config, with_bias=with_bias, bias_init=cfg.logit_bias_init)
+    if cfg.pretrained_dir:
+        load_hf_weights(model, Path(cfg.pretrained_dir), zero3=zero3)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def load_hf_weights(model: TrainableCLIP, directory: Path, *, zero3: bool) -> None:
+    """Load `model.safetensors` from an HF directory (our own reader: keeps the [1] shapes)."""
+    from safetensors.torch import load_file
+
+    path = directory / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: pretrained_dir needs safetensors weights")
+    state = load_file(str(path))
+    if not zero3:
+        model.load_state_dict(state, strict=False)
+        return
+    import deepspeed
+
+    # Partitioned parameters: gather, let rank 0 write, re-partition on exit.
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+        if torch.distributed.get_rank() == 0:
+            model.load_state_dict(state, strict=False)

@@ -1,0 +1,210 @@
+"""Train CLIP with the DisCo loss on DeepSpeed: `python -m trainer.train --config FILE [k=v ...]`.
+
+Works under `deepspeed`, `torchrun`, `accelerate launch`, `srun` and as a plain process.
+Exit codes: 0 finished, 2 bad config or input, 75 preempted (checkpoint written, resume with
+checkpoint.resume=auto), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trainer.config import Config, load_config
+from trainer.config_io import ConfigError, dump_yaml
+from trainer.dist import DistInfo, read_dist_info
+
+EXIT_CONFIG = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", which is what a requeue does
+
+
+def due(step: int, every: int) -> bool:
+    """Is a periodic action (eval, checkpoint) due after `step`? every=0 means never."""
+    return every > 0 and step % every == 0
+
+
+class StopRequest:
+    """SIGUSR1 / SIGTERM ask every rank to stop at the next step boundary, after a checkpoint."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every rank as soon as any rank got a signal (ranks must stop together)."""
+        flag = torch.tensor([float(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def prepare_run_dir(cfg: Config, info: DistInfo) -> Path:
+    """Refuse to clobber a previous run; check we can write; save the resolved config."""
+    from trainer.checkpoint import complete_tags
+
+    run_dir = Path(cfg.run.dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if not cfg.checkpoint.resume and complete_tags(ckpt_dir):
+        raise ConfigError(
+            f"run.dir: {run_dir} already holds checkpoints; pass checkpoint.resume=auto to "
+            "continue that run or choose a new run.dir"
+        )
+    if info.is_main:
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            tmp = run_dir / f".config.yaml.tmp{os.getpid()}"
+            tmp.write_text(dump_yaml(cfg))
+            os.replace(tmp, run_dir / "config.yaml")
+        except OSError as err:
+            raise ConfigError(
+                f"run.dir: cannot write to {run_dir} ({err.strerror}); choose a writable run.dir"
+            ) from None
+    return run_dir
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: Config, info: DistInfo, run_dir: Path) -> int:
+    from trainer import checkpoint
+    from trainer.build import build_components
+    from trainer.metrics import MetricsLogger
+    from trainer.step import make_objective, train_step
+
+    parts = build_components(cfg, info)  # model, engine, loader, tokenizer (see build.py)
+    engine, loader = parts.engine, parts.loader
+    ckpt_dir = run_dir / "checkpoints"
+    start_step = 0
+    resume_dir = checkpoint.find_resume_dir(cfg.checkpoint, ckpt_dir)
+    if resume_dir is not None:
+        client = checkpoint.load(engine, resume_dir, rank=info.rank)
+        start_step = client["step"]
+        loader.load_state_dict(client["data"])
+        print(f"[rank {info.rank}] resumed from {resume_dir} at step {start_step}", flush=True)
+
+    metrics = MetricsLogger(
+        cfg.log, run_dir, enabled=info.is_main, total_steps=cfg.train.steps, start_step=start_step
+    )
+    objective = make_objective(cfg.loss)
+    stop = StopRequest()
+    batches = iter(loader)
+    skipped_steps, step = 0, start_step
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        cfg.train.precision
+    ]
+
+    while step < cfg.train.steps:
+        lr = engine.get_lr()[0]
+        started = time.perf_counter()
+        batch = next(batches)
+        out = train_step(engine, batch, objective, chunks=cfg.train.grad_cache_chunks, dtype=dtype)
+        step += 1
+        if not out.applied:
+            skipped_steps += 1
+            if cfg.train.nonfinite == "stop":
+                print(
+                    f"error: non-finite loss at step {step}; stopping (train.nonfinite=stop)",
+                    file=sys.stderr,
+                )
+                return 1
+        seconds = time.perf_counter() - started
+        metrics.log("train", step, {
+            "loss": out.loss, "lr": lr, "logit_scale": out.logit_scale,
+            "samples_per_s": cfg.train.global_batch_size / seconds,
+            "skipped_samples": loader.skipped_samples, "skipped_steps": skipped_steps,
+        })  # fmt: skip
+
+        if due(step, cfg.eval.every) or (step == cfg.train.steps and cfg.eval.every > 0):
+            from trainer.evaluate import run_periodic_eval
+
+            metrics.log("eval", step, run_periodic_eval(engine.module, cfg.eval, parts, info))
+        preempted = stop.agreed()
+        at_end = step == cfg.train.steps and cfg.checkpoint.at_end
+        if due(step, cfg.checkpoint.every) or preempted or at_end:
+            checkpoint.save(
+                engine, ckpt_dir, step=step, data_state=loader.state_dict(),
+                keep_last=cfg.checkpoint.keep_last, rank=info.rank,
+            )  # fmt: skip
+        if preempted:
+            print(
+                f"[rank {info.rank}] stop requested: checkpoint at step {step} written", flush=True
+            )
+            metrics.close()
+            return EXIT_PREEMPTED
+    metrics.close()
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="disco-clip train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="run config YAML (e.g. trainer/configs/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    info = read_dist_info()
+    try:
+        cfg = load_config(args.config, args.overrides, info.world_size)
+        run_dir = prepare_run_dir(cfg, info)
+    except ConfigError as err:
+        print(f"disco-clip: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from trainer.dist import init_distributed
+
+    init_distributed(info, cfg.dist)
+    try:
+        return train(cfg, info, run_dir)
+    except ConfigError as err:
+        print(f"disco-clip: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (RuntimeError, dist.DistBackendError) as err:
+        if (
+            "Connection closed by peer" in str(err)
+            or "Timed out" in str(err)
+            or isinstance(err, dist.DistBackendError)
+        ):
+            print(
+                f"disco-clip: error: rank {info.rank}: lost contact with another rank ({str(err).splitlines()[0]}); "
+                "see the other ranks' logs for the first failure",
+                file=sys.stderr,
+            )
+            return 1
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train a CLIP model (DeepSpeed + DisCo loss)")
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
