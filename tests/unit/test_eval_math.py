@@ -1,0 +1,138 @@
+"""Zero-shot and retrieval math against direct computations; template files; EvalConfig errors.
+
+A failure here localises to the metric math (trainer/zeroshot.py, trainer/retrieval.py) or to
+the single-process evaluation path (trainer/evaluate.py) — no training or DeepSpeed involved.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from trainer.evaluate import EvalConfig, encode_images, encode_texts, evaluate
+from trainer.retrieval import recall_at_k
+from trainer.zeroshot import class_embeddings, load_templates, topk_accuracy
+
+
+def test_class_embedding_is_normalised_mean_of_normalised_prompts():
+    feats = torch.tensor([[3.0, 0.0], [0.0, 1.0], [0.0, 5.0], [1.0, 1.0]])
+    cls = torch.tensor([0, 0, 1, 1])
+    emb = class_embeddings(feats, cls, 2)
+    # class 0: mean of (1,0) and (0,1) -> (0.5,0.5) -> normalised
+    s = 2**-0.5
+    assert torch.allclose(emb[0], torch.tensor([s, s]))
+    expected1 = F.normalize(torch.tensor([0.0, 1.0]) + torch.tensor([s, s]), dim=0)
+    assert torch.allclose(emb[1], expected1)
+
+
+def test_topk_accuracy_known_case():
+    logits = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.2, 0.7], [0.5, 0.4, 0.1]])
+    labels = torch.tensor([0, 1, 2])
+    acc = topk_accuracy(logits, labels, ks=(1, 2, 5))
+    assert acc[1] == pytest.approx(1 / 3)  # only row 0
+    assert acc[2] == pytest.approx(2 / 3)  # row 1's label is second
+    assert acc[5] == 1.0  # k capped at the 3 classes
+
+
+def test_recall_at_k_known_case():
+    # Text j is image j rotated a little, except texts 0 and 1 are swapped: images 0 and 1
+    # find their partner second, image 2 first; same for texts.
+    img = torch.eye(3)
+    txt = torch.tensor([[0.1, 1.0, 0.0], [1.0, 0.1, 0.0], [0.0, 0.0, 1.0]])
+    rec = recall_at_k(img, txt, ks=(1, 2))
+    assert rec["retrieval_i2t_r1"] == pytest.approx(1 / 3)
+    assert rec["retrieval_i2t_r2"] == 1.0
+    assert rec["retrieval_t2i_r1"] == pytest.approx(1 / 3)
+    assert rec["retrieval_t2i_r2"] == 1.0
+
+
+def test_templates_files():
+    assert len(load_templates("imagenet80")) == 80
+    assert all(t.count("{}") == 1 for t in load_templates("builtin"))
+    with pytest.raises(ValueError, match="templates"):
+        load_templates("no/such/file.txt")
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from transformers import CLIPConfig, CLIPModel
+
+    from data.tokenizer import BUILTIN_TOKENIZER_DIR, load_tokenizer
+
+    tok = load_tokenizer(BUILTIN_TOKENIZER_DIR)
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=1, num_attention_heads=2)  # fmt: skip
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    return model.eval(), tok
+
+
+def test_zeroshot_eval_equals_direct_computation(tiny_model, synthetic_dir, tmp_path):
+    """evaluate() (ImageFolder, template averaging, batching) vs a plain loop."""
+    from data.eval_sets import imagefolder_samples, load_classnames
+    from data.transforms import eval_transform
+
+    model, tok = tiny_model
+    templates = ["a photo of a {}.", "a {} on a dark background."]
+    (tmp_path / "t.txt").write_text("\n".join(templates) + "\n")
+    cfg = EvalConfig(zeroshot_dir=str(synthetic_dir / "val"), templates=str(tmp_path / "t.txt"),
+                     batch_size=7)  # fmt: skip
+    got = evaluate(model, tok, cfg)
+
+    names = load_classnames(synthetic_dir / "classnames.txt")
+    with torch.no_grad():
+        emb = []
+        for name in names:
+            per_template = [encode_texts(model, tok, [t.format(name)])[0] for t in templates]
+            emb.append(F.normalize(torch.stack(per_template).mean(0), dim=0))
+        samples = imagefolder_samples(synthetic_dir / "val", names)
+        transform = eval_transform(32)
+        pixels = torch.stack([transform(Image.open(p)) for p, _ in samples])
+        logits = encode_images(model, pixels) @ torch.stack(emb).T  # (N, C)
+    labels = torch.tensor([y for _, y in samples])
+    top1 = (logits.argmax(1) == labels).float().mean().item()
+    top5 = (logits.topk(5, 1).indices == labels[:, None]).any(1).float().mean().item()
+    assert got["zeroshot_images"] == len(samples) == 60
+    assert got["zeroshot_top1"] == pytest.approx(top1, abs=1e-9)
+    assert got["zeroshot_top5"] == pytest.approx(top5, abs=1e-9)
+    assert model.training is False
+
+
+def test_retrieval_eval_runs_on_pairs(tiny_model, synthetic_dir):
+    model, tok = tiny_model
+    cfg = EvalConfig(retrieval_shards=str(synthetic_dir / "val_pairs"), batch_size=16)
+    got = evaluate(model, tok, cfg)
+    assert got["retrieval_pairs"] == 60
+    assert 0.0 <= got["retrieval_i2t_r1"] <= got["retrieval_i2t_r5"] <= got["retrieval_i2t_r10"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"templates": "nope.txt"}, "templates"),
+        ({"zeroshot_dir": "/no/such/dir"}, "zeroshot_dir"),
+        ({"retrieval_shards": "/no/such/*.tar"}, "retrieval_shards"),
+    ],
+)
+def test_eval_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}"):
+        EvalConfig(**kwargs).validate()
+
+
+def test_plot_writes_pngs(tmp_path):
+    import json
+
+    from trainer.plot import plot_run
+
+    lines = [{"kind": "train", "step": s, "loss": 3.0 / s} for s in range(1, 11)]
+    lines += [{"kind": "eval", "step": s, "zeroshot_top1": s / 10} for s in (5, 10)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    paths = plot_run(tmp_path)
+    assert {p.name for p in paths} == {"loss.png", "zeroshot_top1.png", "curves.png"}
+    assert all(p.stat().st_size > 1000 for p in paths)
