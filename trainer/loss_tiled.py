@@ -10,10 +10,14 @@ directions, keeping b numbers per direction. The backward recomputes each tile's
 probabilities p_ij = exp(s·x_i·y_j − lse_i) and accumulates, tile by tile,
     ∂/∂x_i  += s/(2b) · Σ_j p_ij·y_j     (this rank's rows)
     ∂/∂y_j   = s/(2b) · Σ_i p_ij·x_i     (gathered columns; reduce-scattered with a SUM)
-and ∂/∂s from the finished row gradients: Σ_ij p_ij·x_i·y_j = Σ_i x_i·(Σ_j p_ij·y_j).
+and ∂/∂s = 1/(2b)·Σ_ij p_ij·x_i·y_j (both directions) − 1/b·Σ_i x_i·y_i, the sum taken as
+Σ_j y_j·(Σ_i p_ij·x_i) before the tile's columns are overwritten (next paragraph).
 
-Memory per rank: O(b·t) for one tile plus O(B·d) for the gathered features, whose storage the
-backward reuses for their own gradients (gathered tensors are owned by this function).
+Memory per rank, in elements: the gathered features 2·B·d (kept from forward to backward, as
+DisCo keeps them) + one (b, t) tile + a few (b, d) row buffers, i.e. O(b·t + B·d); no b×B
+tensor ever exists. The gathered tensors are owned here, so the backward writes each tile's
+column gradients into the columns' own storage, and sends (reduce-scatters) and frees the
+text columns before the image columns are processed.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from trainer.loss import (
 DEFAULT_TILE_SIZE = 512
 
 
-def _gather_owned(local: torch.Tensor, group: dist.ProcessGroup | None, world: int):
+def _gather_owned(local: torch.Tensor, group: dist.ProcessGroup | None, world: int) -> torch.Tensor:
     """All-gather (no autograd) into a fresh (B, d) tensor this module may overwrite."""
     if world == 1:
         return local.clone()
@@ -42,7 +46,9 @@ def _gather_owned(local: torch.Tensor, group: dist.ProcessGroup | None, world: i
     return gathered
 
 
-def _reduce_scatter_sum(full: torch.Tensor, group: dist.ProcessGroup | None, world: int):
+def _reduce_scatter_sum(
+    full: torch.Tensor, group: dist.ProcessGroup | None, world: int
+) -> torch.Tensor:
     """Rank n's slice of Σ_m full_m: the gradients every rank computed for rank n's rows."""
     if world == 1:
         return full
@@ -56,25 +62,39 @@ def _tile_buffer(rows: torch.Tensor, n_cols: int, tile: int) -> torch.Tensor:
     return rows.new_empty(rows.shape[0] * min(tile, n_cols))
 
 
-def _row_lse(rows: torch.Tensor, cols: torch.Tensor, scale: float, tile: int) -> torch.Tensor:
-    """log Σ_j exp(s·rows_i·cols_j) for every row, one (b, t) tile of columns at a time.
+class _OnlineLse:
+    """Running log Σ_j exp(s·rows_i·cols_j) per row, fed one block of columns at a time.
 
-    Online max-shifted accumulation (as in flash attention): never exp of an unshifted logit,
-    so it cannot overflow, and only b running maxima and sums are kept.
+    Max-shifted accumulation (as in flash attention): never exp of an unshifted logit, so it
+    cannot overflow, and only b running maxima and sums are kept besides one (b, t) tile.
     """
-    b = rows.shape[0]
-    run_max = rows.new_full((b,), -torch.inf)
-    run_sum = rows.new_zeros(b)
-    flat = _tile_buffer(rows, cols.shape[0], tile)
-    for start in range(0, cols.shape[0], tile):
-        block = cols[start : start + tile]
-        logits = flat[: b * block.shape[0]].view(b, block.shape[0])
-        logits.addmm_(rows, block.T, beta=0, alpha=scale)  # s · (b, d)·(d, t) -> (b, t)
-        new_max = torch.maximum(run_max, logits.amax(dim=1))
-        run_sum.mul_(torch.exp(run_max - new_max))
-        run_sum.add_(logits.sub_(new_max[:, None]).exp_().sum(dim=1))
-        run_max = new_max
-    return run_max.add_(run_sum.log_())
+
+    def __init__(self, rows: torch.Tensor, scale: float, tile: int, n_cols: int) -> None:
+        self.rows, self.scale, self.tile = rows, scale, tile
+        self.run_max = rows.new_full((rows.shape[0],), -torch.inf)
+        self.run_sum = rows.new_zeros(rows.shape[0])
+        self.flat = _tile_buffer(rows, n_cols, tile)
+
+    def add(self, cols: torch.Tensor) -> None:
+        b = self.rows.shape[0]
+        for start in range(0, cols.shape[0], self.tile):
+            block = cols[start : start + self.tile]
+            logits = self.flat[: b * block.shape[0]].view(b, block.shape[0])
+            logits.addmm_(self.rows, block.T, beta=0, alpha=self.scale)  # (b,d)·(d,t) -> (b,t)
+            new_max = torch.maximum(self.run_max, logits.amax(dim=1))
+            self.run_sum.mul_(torch.exp(self.run_max - new_max))
+            self.run_sum.add_(logits.sub_(new_max[:, None]).exp_().sum(dim=1))
+            self.run_max = new_max
+
+    def result(self) -> torch.Tensor:
+        return self.run_max + self.run_sum.log()  # (b,)
+
+
+def _row_lse(rows: torch.Tensor, cols: torch.Tensor, scale: float, tile: int) -> torch.Tensor:
+    """log Σ_j exp(s·rows_i·cols_j) for every row, over all of `cols`, tile by tile."""
+    acc = _OnlineLse(rows, scale, tile, cols.shape[0])
+    acc.add(cols)
+    return acc.result()
 
 
 def _tile_grads(
@@ -85,12 +105,13 @@ def _tile_grads(
     tile: int,
     grad_rows: torch.Tensor,
     alpha: float,
+    grad_cols: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Adds alpha·Σ_j p_ij·cols_j to grad_rows; overwrites `cols` with Σ_i p_ij·rows_i.
+    """Adds alpha·Σ_j p_ij·cols_j to grad_rows and Σ_i p_ij·rows_i to grad_cols.
 
-    Tile j's columns are last needed by tile j itself, so their storage takes their own
-    gradient and the gathered features and their gradients never coexist. Returns
-    Σ_j cols_j·grad_j = Σ_ij p_ij·rows_i·cols_j (for ∂/∂s), taken before each overwrite.
+    grad_cols=None overwrites `cols` with their gradient instead: tile j's columns are last
+    needed by tile j itself, so gathered features and their gradients never coexist. Returns
+    Σ_j cols_j·(Σ_i p_ij·rows_i) = Σ_ij p_ij·rows_i·cols_j (for ∂/∂s).
     """
     b, d = rows.shape
     flat = _tile_buffer(rows, cols.shape[0], tile)
@@ -105,7 +126,10 @@ def _tile_grads(
         grad_rows.addmm_(probs, block, alpha=alpha)  # (b, t)·(t, d) -> (b, d)
         torch.mm(probs.T, rows, out=col_grad[:t])  # (t, b)·(b, d) -> (t, d)
         dot += torch.einsum("jd,jd->", block, col_grad[:t])
-        block.copy_(col_grad[:t])
+        if grad_cols is None:
+            block.copy_(col_grad[:t])
+        else:
+            grad_cols[start : start + t].add_(col_grad[:t])
     return dot
 
 
@@ -188,3 +212,96 @@ def tiled_disco_clip_loss(
     x = image_features.to(dtype).contiguous()
     y = text_features.to(dtype).contiguous()
     return _TiledClip.apply(x, y, scale, group, tile_size)
+
+
+def _ring_pass(
+    tensors: list[torch.Tensor], group: dist.ProcessGroup | None, rank: int, world: int
+) -> list[torch.Tensor]:
+    """Send each tensor to the next rank in the ring; return those received from the previous."""
+    nxt, prev = (rank + 1) % world, (rank - 1) % world
+    if group is not None:  # point-to-point takes global ranks
+        nxt, prev = dist.get_global_rank(group, nxt), dist.get_global_rank(group, prev)
+    received = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t, nxt, group) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, r, prev, group) for r in received]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+class _RingTiledClip(torch.autograd.Function):
+    """`_TiledClip` with the B columns arriving as N chunks of b round a ring, never all at once.
+
+    Step k holds the features of rank (rank − k) mod N. In the backward each chunk travels
+    with a gradient buffer to which every rank adds Σ_i p_ij·rows_i for that chunk; after N
+    hops it is home, carrying Σ_m ∂L_m/∂(own columns) — the reduce-scatter's sum, by ring.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, scale, group, tile):
+        rank, world = _world(group)
+        b = x.shape[0]
+        s = scale.item()  # a Python float lets the GEMMs apply s (alpha); one sync on CUDA
+        img, txt = _OnlineLse(x, s, tile, b), _OnlineLse(y, s, tile, b)
+        cols_x, cols_y = x, y
+        for step in range(world):
+            img.add(cols_y)  # image rows vs rank (rank − step)'s texts
+            txt.add(cols_x)  # text rows vs its images
+            if step < world - 1:
+                cols_x, cols_y = _ring_pass([cols_x, cols_y], group, rank, world)
+        lse_img, lse_txt = img.result(), txt.result()
+        pos = torch.einsum("id,id->", x, y)  # positives: this rank's own pairs
+        ctx.save_for_backward(x, y, scale, lse_img, lse_txt)
+        ctx.group, ctx.tile = group, tile
+        return (0.5 * (lse_img.sum() + lse_txt.sum()) - scale * pos) / b
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        x, y, scale, lse_img, lse_txt = ctx.saved_tensors
+        rank, world = _world(ctx.group)
+        b = x.shape[0]
+        s = scale.item()
+        coef = s / (2 * b)
+        gx, gy = torch.zeros_like(x), torch.zeros_like(y)  # row terms, scaled by coef
+        cols_x, cols_y = x, y
+        col_gx, col_gy = torch.zeros_like(x), torch.zeros_like(y)  # travelling column terms
+        dot = x.new_zeros(())
+        for step in range(world):
+            dot += _tile_grads(x, cols_y, lse_img, s, ctx.tile, gx, coef, col_gy)
+            dot += _tile_grads(y, cols_x, lse_txt, s, ctx.tile, gy, coef, col_gx)
+            if world == 1:
+                break
+            if step < world - 1:  # the last hop only takes the gradients home
+                cols_x, cols_y, col_gx, col_gy = _ring_pass(
+                    [cols_x, cols_y, col_gx, col_gy], ctx.group, rank, world
+                )
+            else:
+                col_gx, col_gy = _ring_pass([col_gx, col_gy], ctx.group, rank, world)
+        gx.add_(col_gx, alpha=coef).sub_(y, alpha=s / b).mul_(grad_loss)
+        gy.add_(col_gy, alpha=coef).sub_(x, alpha=s / b).mul_(grad_loss)
+        grad_scale = (0.5 * dot - torch.einsum("id,id->", x, y)) * (grad_loss / b)
+        return gx, gy, grad_scale, None, None
+
+
+def ring_tiled_disco_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    tile_size: int = DEFAULT_TILE_SIZE,
+) -> torch.Tensor:
+    """`tiled_disco_clip_loss` without gathering: O(b·t + b·d) loss memory per rank.
+
+    Same arguments, value and contract. Features travel round a ring of point-to-point
+    messages (N − 1 hops forward, N backward) instead of being all-gathered, so no rank holds
+    more than a few (b, d) chunks; it pays for that in latency (N sequential hops, no overlap).
+    """
+    _check_pair(image_features, text_features)
+    if tile_size < 1:
+        raise ValueError(f"tile_size must be ≥ 1, got {tile_size}")
+    dtype = _compute_dtype(image_features)
+    scale = logit_scale_value(logit_scale).to(dtype)
+    x = image_features.to(dtype).contiguous()
+    y = text_features.to(dtype).contiguous()
+    return _RingTiledClip.apply(x, y, scale, group, tile_size)

@@ -1,9 +1,9 @@
 """Which contrastive loss the trainer uses: a name → function table and its config.
 
 Every entry honours the scaling contract of trainer/loss.py and takes
-`(image_features, text_features, logit_scale, ..., group=None)`. Two differ in extra
+`(image_features, text_features, logit_scale, ..., group=None)`. Some take extra
 arguments: "siglip" needs a `logit_bias` after `logit_scale` (see `needs_bias`), and "tiled"
-accepts `tile_size` (see `loss_kwargs`).
+and "ring" accept `tile_size` (see `LossConfig.loss_kwargs`).
 """
 
 from __future__ import annotations
@@ -15,14 +15,20 @@ import torch
 
 from trainer.loss import disco_clip_loss, full_batch_clip_loss
 from trainer.loss_siglip import siglip_loss
-from trainer.loss_tiled import DEFAULT_TILE_SIZE, tiled_disco_clip_loss
+from trainer.loss_tiled import (
+    DEFAULT_TILE_SIZE,
+    ring_tiled_disco_clip_loss,
+    tiled_disco_clip_loss,
+)
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "disco": disco_clip_loss,
     "naive": full_batch_clip_loss,
     "tiled": tiled_disco_clip_loss,
     "siglip": siglip_loss,
+    "ring": ring_tiled_disco_clip_loss,
 }
+_TILED_LOSSES = frozenset({"tiled", "ring"})
 _BIAS_LOSSES = frozenset({"siglip"})
 
 
@@ -37,9 +43,10 @@ class LossConfig:
 
     name: str = "disco"
     """One of LOSSES: disco (exact, O(b·B) per rank), naive (O(B²), baseline), tiled (exact,
-    O(b·t + B·d)), siglip (sigmoid loss; the model needs a logit_bias parameter)."""
+    O(b·t + B·d)), ring (tiled over a ring of b-row chunks: O(b·t + b·d), N sequential hops),
+    siglip (sigmoid loss; the model needs a logit_bias parameter)."""
     tile_size: int = DEFAULT_TILE_SIZE
-    """Columns per tile for "tiled"; ignored otherwise. Any value is exact; it trades memory
+    """Columns per tile for "tiled" and "ring"; ignored otherwise. Any value is exact; it trades memory
     (b·t per tile) for matmul efficiency."""
 
     def validate(self) -> None:
@@ -50,4 +57,4 @@ class LossConfig:
 
     def loss_kwargs(self) -> dict[str, int]:
         """Keyword arguments beyond the common ones that LOSSES[self.name] expects."""
-        return {"tile_size": self.tile_size} if self.name == "tiled" else {}
+        return {"tile_size": self.tile_size} if self.name in _TILED_LOSSES else {}

@@ -1,4 +1,4 @@
-"""The tiled DisCo loss and the SigLIP loss vs independent single-process full-batch formulas.
+"""The tiled DisCo losses (gathered and ring) and the SigLIP loss vs independent single-process full-batch formulas.
 
 One launch per world size runs every check (process start costs seconds). Failures localise
 as in test_loss_parity.py; in addition, for the tiled loss:
@@ -21,11 +21,15 @@ import trainer.loss_siglip as siglip_mod
 from tests.dist._parity import assert_within, averaging_gather, errors_vs_reference
 from tests.dist.test_loss_parity import CASES, TOL, clip_errors
 from trainer.localdist import run_ranks
-from trainer.loss_tiled import tiled_disco_clip_loss
+from trainer.loss_tiled import ring_tiled_disco_clip_loss, tiled_disco_clip_loss
 
 B_LOCAL = 5
 # B = 5·N: 1 and 3 never divide it evenly into one tile, 7 rarely divides it, 64 exceeds it.
 TILE_SIZES = [1, 3, 7, 64]
+TILED = {
+    **{f"tiled t={t}": (tiled_disco_clip_loss, t) for t in TILE_SIZES},
+    **{f"ring t={t}": (ring_tiled_disco_clip_loss, t) for t in (3, 64)},
+}
 SIGLIP_BIAS = -10.0
 SIGLIP_CASES = [
     (torch.float64, (), math.log(10)),  # SigLIP's init: s = 10, bias = −10
@@ -49,10 +53,8 @@ def siglip_errors(rank: int, world: int) -> list[dict[str, float]]:
 
 def _checks_rank(rank: int, world: int) -> dict:
     results = {
-        f"tiled t={t}": clip_errors(
-            rank, world, functools.partial(tiled_disco_clip_loss, tile_size=t)
-        )
-        for t in TILE_SIZES
+        name: clip_errors(rank, world, functools.partial(fn, tile_size=t))
+        for name, (fn, t) in TILED.items()
     }
     results["siglip"] = siglip_errors(rank, world)
     real_gather = siglip_mod.gather_rows
@@ -68,8 +70,7 @@ def _checks_rank(rank: int, world: int) -> dict:
 def test_tiled_and_siglip_equal_full_batch(world: int) -> None:
     per_rank = run_ranks(_checks_rank, world)
     for rank, results in enumerate(per_rank):
-        for t in TILE_SIZES:
-            name = f"tiled t={t}"
+        for name in TILED:
             assert_within(results[name], CASES, TOL, f"{name} rank {rank}/{world}")
         assert_within(results["siglip"], SIGLIP_CASES, TOL, f"siglip rank {rank}/{world}")
         # The test must notice a gather that averages instead of summing.

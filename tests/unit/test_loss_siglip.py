@@ -42,10 +42,11 @@ def test_bias_must_have_one_element() -> None:
 
 
 def test_objective_table_and_config() -> None:
-    assert set(LOSSES) == {"disco", "naive", "tiled", "siglip"}
+    assert set(LOSSES) == {"disco", "naive", "tiled", "ring", "siglip"}
     assert needs_bias("siglip") and not needs_bias("disco")
     LossConfig().validate()
     assert LossConfig(name="tiled", tile_size=64).loss_kwargs() == {"tile_size": 64}
+    assert LossConfig(name="ring", tile_size=8).loss_kwargs() == {"tile_size": 8}
     assert LossConfig(name="disco").loss_kwargs() == {}
     with pytest.raises(ValueError, match=r"^name: .*disco.*siglip"):
         LossConfig(name="infonce").validate()
