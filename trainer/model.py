@@ -127,7 +127,9 @@ def build_clip_config(cfg: ModelConfig, tokens: TokenIds, context_length: int) -
 def _squeeze_scalars(module, state_dict, prefix, local_metadata) -> None:
     for name in SCALAR_PARAMS:
         key = prefix + name
-        if key in state_dict and state_dict[key].dim() == 1:
+        # numel check: under ZeRO-3 the module's own state dict holds empty placeholders
+        # (DeepSpeed saves the real values in its partition files); leave those alone.
+        if key in state_dict and state_dict[key].dim() == 1 and state_dict[key].numel() == 1:
             state_dict[key] = state_dict[key].reshape(())
 
 
