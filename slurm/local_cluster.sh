@@ -88,7 +88,7 @@ SlurmdUser=root
 # waits before it may start again (default 120 s), which would dominate the preemption test.
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=${DISCO_SLURM_CRED_EXPIRE:-5}
 MpiDefault=none
 # No cgroups in a container: track processes by parent pid and bind nothing.
 ProctrackType=proctrack/linuxproc
