@@ -26,3 +26,9 @@ test: setup lint
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Only the cluster and launcher tests (also part of `make test`); they start their own local
+# Slurm, installing slurm-wlm + munge with apt-get when missing (root).
+.PHONY: test-slurm
+test-slurm: setup
+	$(BIN)/python -m pytest -q tests/slurm tests/e2e/test_launchers.py
