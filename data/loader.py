@@ -95,6 +95,9 @@ class TrainLoader:
             worker_init_fn=_one_thread,
             prefetch_factor=2,
             persistent_workers=False,
+            # Its own generator: starting workers must not draw from the global torch RNG, or
+            # dropout after a resume (which restarts the workers mid-run) would be shifted.
+            generator=torch.Generator().manual_seed(self.spec.seed),
         )
         return iter(loader)
 
