@@ -20,6 +20,7 @@ your own training runs wrote. Exported directories hold safetensors only (no pic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -82,7 +83,10 @@ def fp32_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     if any(tag_dir.glob("*optim_states.pt")):  # ZeRO 1/2/3: partitioned fp32 master weights
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ref.ckpt_dir), tag=ref.tag)
+        # DeepSpeed reports progress on stdout; keep stdout for our own results (eval prints
+        # metrics there).
+        with contextlib.redirect_stdout(sys.stderr):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ref.ckpt_dir), tag=ref.tag)
     else:  # stage 0: the whole module is in the model-states file
         blob = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
         state = blob["module"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.runs import REPO, test_env, train_command
+from tests.e2e import runs
 
 EVAL_STAGES = (2, 3)
 
@@ -32,11 +32,11 @@ def eval_runs(synthetic_dir, tmp_path_factory) -> dict[int, Path]:
     root = tmp_path_factory.mktemp("eval_runs")
     procs = {}
     for zero in EVAL_STAGES:
-        cmd = train_command(
+        cmd = runs.train_command(
             root / f"zero{zero}", Path(synthetic_dir), eval_overrides(Path(synthetic_dir), zero)
         )
         procs[zero] = subprocess.Popen(
-            cmd, cwd=REPO, env=test_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            cmd, cwd=runs.REPO, env=runs.test_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True,
         )  # fmt: skip
     for zero, proc in procs.items():
