@@ -24,6 +24,12 @@ lint: setup
 test: setup lint
 	$(BIN)/python -m pytest -q
 
+# Train (2 CPU processes) → evaluate → export to demo/export → HF pipeline check → plots.
+# Everything is written under demo/; see trainer/demo.py.
+demo: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 \
+		$(BIN)/python -m trainer.demo
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
