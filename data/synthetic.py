@@ -43,7 +43,7 @@ def render(rng: np.random.Generator, label: int, size: int) -> tuple[Image.Image
     canvas[:] = background
     image = Image.fromarray(canvas.astype(np.uint8))
 
-    fraction = rng.uniform(0.3, 0.7)  # shape extent / image side
+    fraction = rng.uniform(0.45, 0.85)  # shape extent / image side
     extent = max(6, round(fraction * size))
     left = int(rng.integers(0, size - extent + 1))
     top = int(rng.integers(0, size - extent + 1))
@@ -57,7 +57,7 @@ def render(rng: np.random.Generator, label: int, size: int) -> tuple[Image.Image
     sigma = rng.uniform(0, 12)
     pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, sigma, size=(size, size, 3))
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    size_word = "small" if fraction < 0.42 else "large" if fraction > 0.58 else ""
+    size_word = "small" if fraction < 0.58 else "large" if fraction > 0.72 else ""
     return image, {
         "colour": colour_name,
         "shape": shape,
@@ -73,8 +73,10 @@ def _draw_shape(
     extent = x1 - x0 + 1
     if shape == "circle":
         draw.ellipse(box, fill=colour)
-    elif shape == "square":
-        draw.rectangle(box, fill=colour)
+    elif shape == "bar":  # a wide, flat rectangle: unlike the circle even at 16 px
+        height = max(2, extent // 3)
+        mid = y0 + (extent - height) // 2
+        draw.rectangle((x0, mid, x1, mid + height - 1), fill=colour)
     elif shape == "triangle":
         draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
     elif shape == "cross":
@@ -84,7 +86,7 @@ def _draw_shape(
         mid0 = y0 + (extent - bar) // 2
         draw.rectangle((x0, mid0, x1, mid0 + bar - 1), fill=colour)
     elif shape == "ring":
-        draw.ellipse(box, outline=colour, width=max(2, extent // 6))
+        draw.ellipse(box, outline=colour, width=max(2, extent // 5))
     else:
         raise ValueError(f"unknown shape {shape!r}")
 
