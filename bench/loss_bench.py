@@ -2,6 +2,7 @@
 
     python -m bench.loss_bench --batch 4096 --world 2 --dim 512
     python -m bench.loss_bench --batch 16384 --world 2 --dim 512 --losses disco,tiled
+    python -m bench.loss_bench --batch 4096 --losses disco,tiled,ring  # ring: no all-gather
 
 Runs `--world` real gloo processes on this machine. Peak memory is the peak of live tensor
 bytes during one forward+backward of the loss (gathered features and all gradients included),
