@@ -10,11 +10,13 @@ A last test kills one rank and checks that the other one exits instead of hangin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,20 +27,58 @@ from tests.slurm.cluster import Cluster, shared_cluster
 pytestmark = pytest.mark.slow
 
 
+LOCAL_LAUNCHERS = ("deepspeed", "torchrun", "accelerate")
+
+
+@dataclass
+class Launched:
+    local: dict[str, launch.LocalRun]
+    srun_job: int | None
+    """The sbatch job id, or None when there is no local Slurm (test_srun then skips)."""
+    cluster: Cluster | None
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("launchers")
 
 
 @pytest.fixture(scope="module")
-def reference(synthetic_dir: Path, work: Path) -> dict[int, float]:
-    return launch.deepspeed_reference(Path(synthetic_dir), work)
+def launched(synthetic_dir: Path, work: Path) -> Iterator[Launched]:
+    """Every launcher's run, all started at once: most of a run is process start-up, which
+    overlaps well. The local Slurm is used when it can be had."""
+    data = Path(synthetic_dir)
+    with contextlib.ExitStack() as stack:
+        try:
+            cluster = stack.enter_context(shared_cluster())
+        except pytest.skip.Exception as why:
+            cluster, no_slurm = None, str(why)
+        srun_job = submit_srun(cluster, data, work) if cluster else None
+        local = {name: launch.start_local(name, data, work) for name in LOCAL_LAUNCHERS}
+        try:
+            yield Launched(local, srun_job, cluster)
+        finally:
+            for run in local.values():
+                run.stop()
+            if cluster is None:
+                print(f"no local Slurm: {no_slurm}")
+
+
+def submit_srun(cluster: Cluster, data: Path, work: Path) -> int:
+    """2 nodes x 1 task under slurm/train.sbatch."""
+    (work / "logs").mkdir(exist_ok=True)
+    return cluster.sbatch(
+        launch.REPO / "slurm" / "train.sbatch",
+        [str(launch.CONFIG), *launch.overrides(data, work / "run-srun")],
+        options=["--nodes=2", "--ntasks-per-node=1", "--job-name=srun", f"--chdir={work}"],
+        env={"DISCO_REPO": str(launch.REPO), "DISCO_PYTHON": sys.executable} | launch.RUN_ENV,
+    )
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    with shared_cluster() as running:
-        yield running
+def reference(launched: Launched, synthetic_dir: Path) -> dict[int, float]:
+    """The deepspeed run's curve, also handed to tests/slurm so that it is not run twice."""
+    return launch.remember_reference(Path(synthetic_dir), launched.local["deepspeed"].wait())
 
 
 def test_deepspeed(reference: dict[int, float]) -> None:
@@ -47,30 +87,19 @@ def test_deepspeed(reference: dict[int, float]) -> None:
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_local_launcher(
-    launcher: str, synthetic_dir: Path, work: Path, reference: dict[int, float]
-) -> None:
-    run_dir = launch.run_local(launcher, Path(synthetic_dir), work)
-    assert launch.check_trained(run_dir) == reference
+def test_local_launcher(launcher: str, launched: Launched, reference: dict[int, float]) -> None:
+    assert launch.check_trained(launched.local[launcher].wait()) == reference
 
 
-def test_srun(
-    cluster: Cluster, synthetic_dir: Path, work: Path, reference: dict[int, float]
-) -> None:
+def test_srun(launched: Launched, work: Path, reference: dict[int, float]) -> None:
     """2 nodes x 1 task under slurm/train.sbatch: completes, same curve as deepspeed."""
-    (work / "logs").mkdir(exist_ok=True)
-    run_dir = work / "run-srun"
-    job_id = cluster.sbatch(
-        launch.REPO / "slurm" / "train.sbatch",
-        [str(launch.CONFIG), *launch.overrides(Path(synthetic_dir), run_dir)],
-        options=["--nodes=2", "--ntasks-per-node=1", "--job-name=srun", f"--chdir={work}"],
-        env={"DISCO_REPO": str(launch.REPO), "DISCO_PYTHON": sys.executable} | launch.RUN_ENV,
-    )
-    done = cluster.wait_end(job_id, 240)
-    log = work / "logs" / f"srun-{job_id}.out"
+    if launched.cluster is None or launched.srun_job is None:
+        pytest.skip("no local Slurm (see the launched fixture's output for why)")
+    done = launched.cluster.wait_end(launched.srun_job, 300)
+    log = work / "logs" / f"srun-{launched.srun_job}.out"
     assert (done["JobState"], done["ExitCode"]) == ("COMPLETED", "0:0"), launch.tail(log)
     assert "training finished" in log.read_text()
-    assert launch.check_trained(run_dir) == reference
+    assert launch.check_trained(work / "run-srun") == reference
 
 
 def test_dead_rank_ends_the_others(synthetic_dir: Path, work: Path) -> None:
@@ -100,7 +129,7 @@ def test_dead_rank_ends_the_others(synthetic_dir: Path, work: Path) -> None:
             time.sleep(0.1)
         ranks[1][0].kill()
         killed = time.monotonic()
-        rc = ranks[0][0].wait(timeout=90)  # well before dist.timeout_s=60 would fire twice
+        rc = ranks[0][0].wait(timeout=90)  # a hang fails here
         print(f"\nrank 1 killed -> rank 0 exited {rc} after {time.monotonic() - killed:.1f} s")
     finally:
         for proc, log in ranks:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,8 +66,33 @@ def launcher_command(launcher: str, port: int) -> list[str]:
     raise ValueError(launcher)
 
 
-def run_local(launcher: str, data_dir: Path, work: Path, timeout_s: float = 240) -> Path:
-    """Train under `launcher` on this machine; return the run dir. Fails with the log's tail."""
+@dataclass
+class LocalRun:
+    """A launcher started in the background; wait() for its run dir."""
+
+    launcher: str
+    run_dir: Path
+    log: Path
+    proc: subprocess.Popen
+
+    def wait(self, timeout_s: float = 300) -> Path:
+        """The run dir once the launcher exited 0; fails with the log's tail otherwise."""
+        try:
+            rc = self.proc.wait(timeout=timeout_s)
+        finally:
+            self.stop()
+        assert rc == 0, f"{self.launcher} exited {rc}:\n{tail(self.log)}"
+        return self.run_dir
+
+    def stop(self) -> None:
+        """Kill the launcher if it still runs (its process group: the launcher's ranks too)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def start_local(launcher: str, data_dir: Path, work: Path) -> LocalRun:
+    """Start a 2-process run under `launcher` on this machine, in the background."""
     run_dir = work / f"run-{launcher}"
     log = work / f"{launcher}.log"
     command = [
@@ -76,16 +103,15 @@ def run_local(launcher: str, data_dir: Path, work: Path, timeout_s: float = 240)
         *overrides(data_dir, run_dir),
     ]
     with open(log, "w") as out:
-        done = subprocess.run(
+        proc = subprocess.Popen(
             command,
             cwd=REPO,
             env=os.environ | RUN_ENV,
             stdout=out,
             stderr=subprocess.STDOUT,
-            timeout=timeout_s,
+            start_new_session=True,  # its own process group, so stop() reaches the ranks
         )
-    assert done.returncode == 0, f"{launcher} exited {done.returncode}:\n{tail(log)}"
-    return run_dir
+    return LocalRun(launcher, run_dir, log, proc)
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -114,7 +140,13 @@ _reference: dict[Path, dict[int, float]] = {}
 
 
 def deepspeed_reference(data_dir: Path, work: Path) -> dict[int, float]:
-    """The loss curve of the deepspeed-launcher run, computed once per dataset per session."""
+    """The loss curve of the deepspeed-launcher run, computed once per dataset per session
+    (or handed over by remember_reference)."""
     if data_dir not in _reference:
-        _reference[data_dir] = check_trained(run_local("deepspeed", data_dir, work))
+        remember_reference(data_dir, start_local("deepspeed", data_dir, work).wait())
+    return _reference[data_dir]
+
+
+def remember_reference(data_dir: Path, deepspeed_run_dir: Path) -> dict[int, float]:
+    _reference[data_dir] = check_trained(deepspeed_run_dir)
     return _reference[data_dir]
