@@ -66,30 +66,25 @@ def log_of(work: Path, name: str, job_id: int) -> str:
     return (work / "logs" / f"{name}-{job_id}.out").read_text()
 
 
-def test_preempted_job_requeues_and_resumes(slurm_cluster: Cluster, tmp_path: Path) -> None:
-    """USR1 to the batch shell (what --signal=B:USR1 sends), later TERM to the ranks (what
-    preemption with a grace time sends): each time all ranks checkpoint and exit 75, the job
-    requeues itself and the next start resumes; the loss curve equals the uninterrupted run's
-    step for step."""
-    overrides = ["train.steps=40", "standin.step_s=0.15"]
+def test_ranks_terminated_requeue_and_resume(slurm_cluster: Cluster, tmp_path: Path) -> None:
+    """TERM to the ranks, not to the batch shell (what preemption with a grace time sends):
+    all ranks checkpoint and exit 75, the script requeues the job, the next start resumes, and
+    the loss curve equals the uninterrupted run's step for step. (USR1 to the batch shell, the
+    --signal path, is tested with the real trainer in test_train_sbatch.py.)"""
+    overrides = ["train.steps=30", "standin.step_s=0.15"]
     ref_id, ref_dir = submit_standin(slurm_cluster, tmp_path, "reference", overrides)
     job_id, run_dir = submit_standin(slurm_cluster, tmp_path, "preempted", overrides)
 
     wait_steps(run_dir, 5)
     signalled = time.monotonic()
-    slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job_id))
+    slurm_cluster.run("scancel", "--signal=TERM", str(job_id))  # the steps, not the batch shell
     slurm_cluster.wait_for(job_id, lambda f: f["Restarts"] == "1", 60)
     requeued = time.monotonic()
     slurm_cluster.wait_for(job_id, lambda f: f["JobState"] == "RUNNING", 60)
     restarted = time.monotonic()
     print(
-        f"USR1 -> requeued {requeued - signalled:.1f} s, requeued -> running {restarted - requeued:.1f} s"
+        f"TERM -> requeued {requeued - signalled:.1f} s, requeued -> running {restarted - requeued:.1f} s"
     )
-
-    first_stop = max(losses(run_dir))
-    wait_steps(run_dir, first_stop + 5)
-    slurm_cluster.run("scancel", "--signal=TERM", str(job_id))  # the steps, not the batch shell
-    slurm_cluster.wait_for(job_id, lambda f: f["Restarts"] == "2", 60)
 
     done = slurm_cluster.wait_end(job_id, 120)
     ref = slurm_cluster.wait_end(ref_id, 60)
@@ -98,12 +93,11 @@ def test_preempted_job_requeues_and_resumes(slurm_cluster: Cluster, tmp_path: Pa
     )
     log = log_of(tmp_path, "preempted", job_id)
     assert (done["JobState"], done["ExitCode"]) == ("COMPLETED", "0:0"), log
-    assert "got SIGUSR1" in log and "after a signal to the ranks" in log, log
-    assert log.count("requeueing job") == 2 and "start 3 on" in log, log
+    assert "after a signal to the ranks" in log and "requeueing job" in log, log
     resumed_at = [int(s) for s in re.findall(r"rank 0/2 \(slurm\) from step (\d+)", log)]
-    assert resumed_at[0] == 0 and resumed_at[1] == first_stop and resumed_at[2] > first_stop, log
+    assert resumed_at[0] == 0 and resumed_at[1] >= 5, log
     assert losses(run_dir) == losses(ref_dir)
-    assert max(losses(run_dir)) == 40
+    assert max(losses(run_dir)) == 30
 
 
 def test_dead_rank_fails_job_quickly(slurm_cluster: Cluster, tmp_path: Path) -> None:
