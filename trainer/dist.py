@@ -66,6 +66,21 @@ def _first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
 
 
+def _slurm_tasks_on_this_node(env: Mapping[str, str]) -> int:
+    """Tasks on this node. SLURM_TASKS_PER_NODE is always set, run-length encoded per node
+    ('4(x2),3' = 4, 4, 3); SLURM_NTASKS_PER_NODE only with --ntasks-per-node."""
+    encoded = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", ""))
+    counts: list[int] = []
+    for part in encoded.split(","):
+        if part:
+            count, _, repeat = part.partition("(x")
+            counts += [int(count)] * int(repeat.rstrip(")") or 1)
+    node = int(env.get("SLURM_NODEID", 0))
+    if node < len(counts):
+        return counts[node]
+    return int(env.get("SLURM_NTASKS_PER_NODE", "1"))
+
+
 def read_dist_info(env: Mapping[str, str] = os.environ) -> DistInfo:
     if "RANK" in env and "WORLD_SIZE" in env:
         world = int(env["WORLD_SIZE"])
@@ -84,7 +99,7 @@ def read_dist_info(env: Mapping[str, str] = os.environ) -> DistInfo:
             rank=int(env["SLURM_PROCID"]),
             world_size=int(env["SLURM_NTASKS"]),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
-            local_world_size=int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]),
+            local_world_size=_slurm_tasks_on_this_node(env),
             master_addr=env.get("MASTER_ADDR")
             or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
             # Derived from the job id so that concurrent jobs sharing a node do not collide.
