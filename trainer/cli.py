@@ -14,6 +14,7 @@ import sys
 # subcommand -> module that owns it
 SUBCOMMANDS: dict[str, str] = {
     "make-synthetic": "data.synthetic",
+    "train": "trainer.train",
     "eval": "trainer.eval_cli",
     "export": "trainer.export",
     "plot": "trainer.plot",
