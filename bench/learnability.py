@@ -1,6 +1,6 @@
 """Can a tiny CLIP learn the synthetic dataset on CPU? Plain single-process loop, measured.
 
-    .venv/bin/python -m bench.learnability --data DIR --seconds 150
+    .venv/bin/python -m bench.learnability --data DIR --steps 700 --eval-every 350
 
 Trains a tiny HF CLIPModel (towers + projections, plain CLIP loss, AdamW) on DIR/train with the
 data package's loader, then reports zero-shot top-1 on DIR/val with the prompt
@@ -67,11 +67,12 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=0, help="also report top-1 every N steps")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--context-length", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--context-length", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the model")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -94,6 +95,8 @@ def main() -> None:
     eval_time = 0.0
     while time.time() - start - eval_time < args.seconds and step < args.steps:
         batch = next(loader)
+        for group in opt.param_groups:  # without warmup, lr 3e-3 collapsed to log(b) loss
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
         image, text = encode(
             model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
         )

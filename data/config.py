@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.paths import BUILTIN_TOKENIZER_DIR, missing_tokenizer_files
 from data.shards import expand_shards
-from data.tokenizer import BUILTIN_TOKENIZER_DIR, missing_tokenizer_files
 
 SOURCES = ("webdataset", "hf")
 MAKE_HINT = "run 'disco-clip make-synthetic --out DIR' or fix the path"

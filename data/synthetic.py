@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
+import os
 import shutil
 import sys
 import tempfile
@@ -24,8 +26,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data.concepts import CAPTION_TEMPLATES, COLOURS, SHAPES, class_names, folder_name
+from data.paths import BUILTIN_TOKENIZER_DIR
 from data.shards import write_shard
-from data.tokenizer import BUILTIN_TOKENIZER_DIR
 
 SPLIT_TRAIN, SPLIT_VAL, SPLIT_VAL_PAIRS = 0, 1, 2
 JPEG_QUALITY = 90
@@ -119,17 +121,39 @@ def _pair_members(key: str, image: Image.Image, text: str, label: int) -> list[t
     ]
 
 
+def _write_shard(job: tuple) -> None:
+    path, split, indices, seed, size, labels = job
+    members: list[tuple[str, bytes]] = []
+    for index in indices:
+        label = None if labels is None else labels[index]
+        image, text, label = _sample(seed, split, index, size, label)
+        members += _pair_members(f"{index:09d}", image, text, label)
+    write_shard(path, members)
+
+
 def _write_pairs(
     out: Path, split: int, count: int, per_shard: int, seed: int, size: int, labels=None
 ) -> None:
     out.mkdir(parents=True)
-    for shard, start in enumerate(range(0, count, per_shard)):
-        members: list[tuple[str, bytes]] = []
-        for index in range(start, min(start + per_shard, count)):
-            label = None if labels is None else labels[index]
-            image, text, label = _sample(seed, split, index, size, label)
-            members += _pair_members(f"{index:09d}", image, text, label)
-        write_shard(out / f"{shard:06d}.tar", members)
+    jobs = [
+        (
+            out / f"{shard:06d}.tar",
+            split,
+            range(start, min(start + per_shard, count)),
+            seed,
+            size,
+            labels,
+        )
+        for shard, start in enumerate(range(0, count, per_shard))
+    ]
+    # Shards are independent (per-sample seeds), so processes cannot change the bytes.
+    processes = min(len(jobs), os.cpu_count() or 1)
+    if processes <= 1:
+        for job in jobs:
+            _write_shard(job)
+        return
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        pool.map(_write_shard, jobs, chunksize=1)
 
 
 def make_synthetic(
