@@ -51,15 +51,17 @@ def test_ranks_get_different_data_and_brace_pattern_equals_directory(synthetic_d
 @pytest.mark.parametrize("k", [3, 5])
 def test_resume_is_bit_identical(synthetic_dir, workers, k):
     """State after k batches -> new loader -> the next batches equal the uninterrupted run's,
-    across an epoch boundary (each worker has 60 samples/epoch at batch 8 x 2 ranks)."""
+    across an epoch boundary (rank 1 of 2 has 4 shards = 120 samples per epoch, split over
+    the workers; 8 more batches of 12 run every worker into its next epoch)."""
     cfg = wds_config(synthetic_dir / "train", workers=workers)
-    reference = loader(cfg, rank=1, world_size=2)
+    reference = loader(cfg, rank=1, world_size=2, batch=12)
     expected = take(reference, k + 8)
-    interrupted = loader(cfg, rank=1, world_size=2)
+    assert any(epoch == 1 for epoch, _, _ in reference.state_dict()["positions"])
+    interrupted = loader(cfg, rank=1, world_size=2, batch=12)
     take(interrupted, k)
     state = json.loads(json.dumps(interrupted.state_dict()))  # must survive JSON
     interrupted.close()
-    resumed = loader(cfg, rank=1, world_size=2)
+    resumed = loader(cfg, rank=1, world_size=2, batch=12)
     resumed.load_state_dict(state)
     assert same(take(resumed, 8), expected[k:])
     for it in (reference, resumed):
