@@ -101,6 +101,9 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=2
 KillWait=10
+# Trust the node lines below over what slurmd detects, so DISCO_SLURM_CPUS may oversubscribe
+# (tests run several 2-task jobs at once on a 2-core machine).
+SlurmdParameters=config_overrides
 ReturnToService=2
 StateSaveLocation=$STATE/state
 SlurmdSpoolDir=$STATE/spool_%n

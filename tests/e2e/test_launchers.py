@@ -10,7 +10,6 @@ A last test kills one rank and checks that the other one exits instead of hangin
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.slurm import launch
-from tests.slurm.cluster import Cluster, shared_cluster
+from tests.slurm.cluster import Cluster, get_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -44,24 +43,27 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def launched(synthetic_dir: Path, work: Path) -> Iterator[Launched]:
+def launched(
+    synthetic_dir: Path, work: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Launched]:
     """Every launcher's run, all started at once: most of a run is process start-up, which
-    overlaps well. The local Slurm is used when it can be had."""
+    overlaps well. With a local Slurm, tests/slurm's preempted job starts here too."""
     data = Path(synthetic_dir)
-    with contextlib.ExitStack() as stack:
-        try:
-            cluster = stack.enter_context(shared_cluster())
-        except pytest.skip.Exception as why:
-            cluster, no_slurm = None, str(why)
-        srun_job = submit_srun(cluster, data, work) if cluster else None
-        local = {name: launch.start_local(name, data, work) for name in LOCAL_LAUNCHERS}
-        try:
-            yield Launched(local, srun_job, cluster)
-        finally:
-            for run in local.values():
-                run.stop()
-            if cluster is None:
-                print(f"no local Slurm: {no_slurm}")
+    try:
+        cluster: Cluster | None = get_cluster()
+    except pytest.skip.Exception as why:
+        cluster = None
+        print(f"no local Slurm: {why}")
+    srun_job = None
+    if cluster is not None:
+        launch.start_preempted(cluster, data, tmp_path_factory.mktemp("preempt"))
+        srun_job = submit_srun(cluster, data, work)
+    local = {name: launch.start_local(name, data, work) for name in LOCAL_LAUNCHERS}
+    try:
+        yield Launched(local, srun_job, cluster)
+    finally:
+        for run in local.values():
+            run.stop()
 
 
 def submit_srun(cluster: Cluster, data: Path, work: Path) -> int:
@@ -71,7 +73,7 @@ def submit_srun(cluster: Cluster, data: Path, work: Path) -> int:
         launch.REPO / "slurm" / "train.sbatch",
         [str(launch.CONFIG), *launch.overrides(data, work / "run-srun")],
         options=["--nodes=2", "--ntasks-per-node=1", "--job-name=srun", f"--chdir={work}"],
-        env={"DISCO_REPO": str(launch.REPO), "DISCO_PYTHON": sys.executable} | launch.RUN_ENV,
+        env=launch.sbatch_env(),
     )
 
 

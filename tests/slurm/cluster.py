@@ -1,13 +1,13 @@
 """A real local Slurm for tests, started by slurm/local_cluster.sh and shared by its users.
 
-Fixtures wrap `shared_cluster()`. Every test session gets its own state dir and ports, so a cluster a developer left running is not touched. When
+Fixtures call `get_cluster()`. Every test session gets its own state dir and ports, so a cluster a developer left running is not touched. When
 Slurm cannot be had here (no root, no apt-get, the install or the daemons fail) the tests skip
 with the reason.
 """
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import os
 import re
 import shutil
@@ -15,7 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +96,8 @@ def _start(state_dir: Path) -> Cluster:
         "DISCO_SLURM_DIR": str(state_dir),
         "DISCO_SLURM_NODES": str(NODES),
         "DISCO_SLURM_PORT": str(_free_port_block(NODES + 1)),
+        # Room for every job the tests keep running at once (up to 3 tasks per node).
+        "DISCO_SLURM_CPUS": "4",
     }
     if not shutil.which("slurmctld"):
         installed = _script("install", env)  # apt-get install slurm-wlm munge (~10-30 s)
@@ -109,27 +111,34 @@ def _start(state_dir: Path) -> Cluster:
     return Cluster(state_dir=state_dir, env=env | {"SLURM_CONF": str(state_dir / "slurm.conf")})
 
 
-# tests/slurm (session fixture in its conftest) and tests/e2e/test_launchers.py both need a
-# cluster: share one, and stop it when the last user lets go.
-_shared: dict[str, object] = {"cluster": None, "users": 0}
+# tests/slurm (a session fixture in its conftest) and tests/e2e/test_launchers.py share one
+# cluster, started on first use and stopped when the test process exits: jobs submitted by one
+# module may still run while the other one's tests go on.
+_shared: dict[str, object] = {}
 
 
-@contextlib.contextmanager
-def shared_cluster() -> Iterator[Cluster]:
-    if _shared["cluster"] is None:
+def get_cluster() -> Cluster:
+    """The running local cluster; skips the calling test when Slurm cannot be had here."""
+    if "skip" in _shared:
+        pytest.skip(str(_shared["skip"]))
+    if "cluster" not in _shared:
         # Not under pytest's tmp dir: that is private to root, and munged runs as munge. A short
         # path, too: munged's unix socket lives in it (108-byte limit).
         state_dir = Path(tempfile.mkdtemp(prefix="disco-slurm-"))
         state_dir.chmod(0o755)
-        _shared["cluster"] = _start(state_dir)
-    _shared["users"] = int(_shared["users"]) + 1
+        try:
+            cluster = _start(state_dir)
+        except pytest.skip.Exception as why:
+            _shared["skip"] = str(why)
+            shutil.rmtree(state_dir, ignore_errors=True)
+            raise
+        _shared["cluster"] = cluster
+        atexit.register(_stop, cluster)
     cluster = _shared["cluster"]
     assert isinstance(cluster, Cluster)
-    try:
-        yield cluster
-    finally:
-        _shared["users"] = int(_shared["users"]) - 1
-        if _shared["users"] == 0:
-            _script("stop", cluster.env)
-            _shared["cluster"] = None
-            shutil.rmtree(cluster.state_dir, ignore_errors=True)
+    return cluster
+
+
+def _stop(cluster: Cluster) -> None:
+    _script("stop", cluster.env)
+    shutil.rmtree(cluster.state_dir, ignore_errors=True)

@@ -1,14 +1,11 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from tests.slurm.cluster import Cluster, shared_cluster
+from tests.slurm.cluster import Cluster, get_cluster
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[Cluster]:
+def slurm_cluster() -> Cluster:
     """A running two-node local Slurm; skips the test when Slurm cannot be had here."""
-    with shared_cluster() as cluster:
-        yield cluster
+    return get_cluster()

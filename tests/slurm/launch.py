@@ -15,8 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.slurm.cluster import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -150,3 +154,69 @@ def deepspeed_reference(data_dir: Path, work: Path) -> dict[int, float]:
 def remember_reference(data_dir: Path, deepspeed_run_dir: Path) -> dict[int, float]:
     _reference[data_dir] = check_trained(deepspeed_run_dir)
     return _reference[data_dir]
+
+
+class PreemptedJob:
+    """slurm/train.sbatch (2 nodes x 1 task) preempted mid-run by USR1 to the batch shell, what
+    `--signal=B:USR1@300` sends before the time limit. A background thread drives it, so that
+    its two start-ups overlap with other runs; result() waits for the end."""
+
+    def __init__(self, cluster: Cluster, data_dir: Path, work: Path) -> None:
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+        self.cluster, self.work, self.run_dir = cluster, work, work / "run"
+        self.job_id = cluster.sbatch(
+            REPO / "slurm" / "train.sbatch",
+            [str(CONFIG), *overrides(data_dir, self.run_dir)],
+            options=["--nodes=2", "--ntasks-per-node=1", "--job-name=preempt", f"--chdir={work}"],
+            env=sbatch_env(),
+        )
+        self.log = work / "logs" / f"preempt-{self.job_id}.out"
+        self.timings: dict[str, float] = {}
+        self.job: dict[str, str] = {}
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._drive, daemon=True)
+        self.thread.start()
+
+    def _drive(self) -> None:
+        try:
+            # Signal early: the rest of the run must outlast the signal's way to the ranks.
+            metrics = self.run_dir / "metrics.jsonl"
+            deadline = time.monotonic() + 300
+            while not metrics.exists() or len(metrics.read_text().splitlines()) < 4:
+                assert time.monotonic() < deadline, "no 4 training steps in 300 s:\n" + (
+                    tail(self.log) if self.log.exists() else "(no log)"
+                )
+                time.sleep(0.1)
+            signalled = time.monotonic()
+            self.cluster.run("scancel", "--signal=USR1", "--batch", str(self.job_id))
+            self.cluster.wait_for(self.job_id, lambda f: f["Restarts"] == "1", 120)
+            self.timings["signal_to_requeued_s"] = time.monotonic() - signalled
+            self.cluster.wait_for(self.job_id, lambda f: f["JobState"] == "RUNNING", 120)
+            self.timings["requeued_to_running_s"] = (
+                time.monotonic() - signalled - self.timings["signal_to_requeued_s"]
+            )
+            self.job = self.cluster.wait_end(self.job_id, 400)
+        except BaseException as err:  # handed to the test by result()
+            self.error = err
+
+    def result(self, timeout_s: float = 900) -> PreemptedJob:
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), f"preempted job {self.job_id} still running"
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+_preempted: dict[Path, PreemptedJob] = {}
+
+
+def start_preempted(cluster: Cluster, data_dir: Path, work: Path) -> PreemptedJob:
+    """The session's preempted job (started by whichever test module asks first)."""
+    if data_dir not in _preempted:
+        _preempted[data_dir] = PreemptedJob(cluster, data_dir, work)
+    return _preempted[data_dir]
+
+
+def sbatch_env() -> dict[str, str]:
+    """What slurm/train.sbatch needs to find this checkout and interpreter."""
+    return {"DISCO_REPO": str(REPO), "DISCO_PYTHON": sys.executable} | RUN_ENV

@@ -52,7 +52,7 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {rec["step"]: rec["loss"] for rec in map(json.loads, lines)}
 
 
-def wait_steps(run_dir: Path, steps: int, timeout_s: float = 60) -> None:
+def wait_steps(run_dir: Path, steps: int, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         metrics = run_dir / "metrics.jsonl"
