@@ -163,3 +163,19 @@ def test_eval_cli_on_export_and_on_checkpoint(eval_runs, exported, synthetic_dir
     assert capsys.readouterr().out == from_export
     assert "zeroshot_top1:" in from_export
     assert main(["eval", "--model", "/no/such/model", "--zeroshot", val]) == 2
+
+
+def test_siglip_bias_goes_to_config(eval_runs, tmp_path, monkeypatch):
+    """CLIPModel has no logit_bias: it must leave as a config.json attribute, not be dropped."""
+    from transformers import CLIPModel
+
+    import trainer.export as export_mod
+
+    real = export_mod.fp32_state_dict
+    monkeypatch.setattr(
+        export_mod, "fp32_state_dict", lambda ref: {**real(ref), "logit_bias": torch.tensor([-7.5])}
+    )
+    out = export_mod.export(eval_runs[2], tmp_path / "siglip")
+    config = CLIPModel.from_pretrained(out).config
+    assert config.logit_bias == -7.5
+    assert "logit_bias" in (out / "README.md").read_text()
