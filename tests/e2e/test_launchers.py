@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class Launched:
     srun_job: int | None
     """The sbatch job id, or None when there is no local Slurm (test_srun then skips)."""
     cluster: Cluster | None
+    dead_rank: DeadRankRun
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +61,13 @@ def launched(
         launch.start_preempted(cluster, data, tmp_path_factory.mktemp("preempt"))
         srun_job = submit_srun(cluster, data, work)
     local = {name: launch.start_local(name, data, work) for name in LOCAL_LAUNCHERS}
+    dead_rank = DeadRankRun(data, work)
     try:
-        yield Launched(local, srun_job, cluster)
+        yield Launched(local, srun_job, cluster, dead_rank)
     finally:
         for run in local.values():
             run.stop()
+        dead_rank.stop()
 
 
 def submit_srun(cluster: Cluster, data: Path, work: Path) -> int:
@@ -104,44 +108,70 @@ def test_srun(launched: Launched, work: Path, reference: dict[int, float]) -> No
     assert launch.check_trained(work / "run-srun") == reference
 
 
-def test_dead_rank_ends_the_others(synthetic_dir: Path, work: Path) -> None:
-    """Rank 1 is SIGKILLed mid-run with no launcher to clean up (the variables a launcher would
-    set, by hand): rank 0 must exit non-zero with a clear message, not hang."""
-    run_dir = work / "run-dead-rank"
-    port = str(launch.free_port())
-    command = [
-        sys.executable, "-m", "trainer.train", "--config", str(launch.CONFIG),
-        *launch.overrides(Path(synthetic_dir), run_dir, steps=10_000), "dist.timeout_s=60",
-    ]  # fmt: skip
-    ranks = []
-    for rank in range(2):
-        env = os.environ | launch.RUN_ENV
-        env |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
-        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        log = open(work / f"dead-rank-{rank}.log", "w")  # noqa: SIM115  closed below
-        ranks.append(
-            (subprocess.Popen(command, cwd=launch.REPO, env=env, stdout=log, stderr=log), log)
-        )
-    try:
-        metrics = run_dir / "metrics.jsonl"
-        deadline = time.monotonic() + 180
-        while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
-            assert time.monotonic() < deadline, "no 3 steps in 180 s"
-            assert ranks[0][0].poll() is None, launch.tail(work / "dead-rank-0.log")
-            time.sleep(0.1)
-        ranks[1][0].kill()
-        killed = time.monotonic()
-        rc = ranks[0][0].wait(timeout=90)  # a hang fails here
-        print(f"\nrank 1 killed -> rank 0 exited {rc} after {time.monotonic() - killed:.1f} s")
-    finally:
-        for proc, log in ranks:
+class DeadRankRun:
+    """Two ranks started by hand (the variables a launcher would set), so that no launcher
+    cleans up: once they train, rank 1 is SIGKILLed, and rank 0 must exit on its own. A thread
+    drives it, so that its start-up overlaps the other runs'."""
+
+    def __init__(self, data: Path, work: Path) -> None:
+        self.logs = [work / f"dead-rank-{rank}.log" for rank in range(2)]
+        self.run_dir = work / "run-dead-rank"
+        command = [
+            sys.executable, "-m", "trainer.train", "--config", str(launch.CONFIG),
+            *launch.overrides(data, self.run_dir, steps=10_000), "dist.timeout_s=60",
+        ]  # fmt: skip
+        port = str(launch.free_port())
+        self.procs = []
+        for rank, log in enumerate(self.logs):
+            env = os.environ | launch.RUN_ENV | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+            env |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+            with open(log, "w") as out:
+                self.procs.append(
+                    subprocess.Popen(command, cwd=launch.REPO, env=env, stdout=out, stderr=out)
+                )
+        self.rc: int | None = None
+        self.exit_after_s = 0.0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._drive, daemon=True)
+        self.thread.start()
+
+    def _drive(self) -> None:
+        try:
+            metrics = self.run_dir / "metrics.jsonl"
+            deadline = time.monotonic() + 300
+            while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+                assert time.monotonic() < deadline, "no 3 steps in 300 s"
+                assert self.procs[0].poll() is None, launch.tail(self.logs[0])
+                time.sleep(0.1)
+            self.procs[1].kill()
+            killed = time.monotonic()
+            self.rc = self.procs[0].wait(timeout=120)  # a hang fails here
+            self.exit_after_s = time.monotonic() - killed
+        except BaseException as err:  # handed to the test by result()
+            self.error = err
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        for proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            log.close()
-    out = (work / "dead-rank-0.log").read_text()
-    assert rc not in (0, 75), out
+
+    def result(self) -> DeadRankRun:
+        self.thread.join(600)
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+def test_dead_rank_ends_the_others(launched: Launched) -> None:
+    """Rank 1 SIGKILLed mid-run: rank 0 exits non-zero with a clear message, not hang."""
+    run = launched.dead_rank.result()
+    print(f"\nrank 1 killed -> rank 0 exited {run.rc} after {run.exit_after_s:.1f} s")
+    out = run.logs[0].read_text()
+    assert run.rc not in (None, 0, 75), out
     # The trainer's own message; gloo's "Connection reset by peer" (its wording when the peer
     # died mid-read, which trainer/train.py does not translate yet) names the cause as well.
     clear = ("lost contact with another rank", "Connection reset by peer")
-    assert any(words in out for words in clear), launch.tail(work / "dead-rank-0.log")
+    assert any(words in out for words in clear), launch.tail(run.logs[0])
