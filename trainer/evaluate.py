@@ -183,9 +183,13 @@ def zeroshot_samples(cfg: EvalConfig) -> tuple[list[str], Iterable[tuple[Any, in
         raise ValueError(f"eval.classnames: no classnames.txt found for {cfg.zeroshot_dir}")
     names = load_classnames(path)
     if _is_imagefolder(cfg.zeroshot_dir):
-        samples: Iterable[tuple[Any, int]] = imagefolder_samples(cfg.zeroshot_dir, names)
-    else:
-        samples = wds_labelled(cfg.zeroshot_dir)
+        listed = imagefolder_samples(cfg.zeroshot_dir, names)
+        if cfg.max_samples and len(listed) > cfg.max_samples:
+            # Evenly spaced, so a capped eval still covers every class (the list is class-major).
+            step = len(listed) / cfg.max_samples
+            listed = [listed[int(i * step)] for i in range(cfg.max_samples)]
+        return names, listed
+    samples: Iterable[tuple[Any, int]] = wds_labelled(cfg.zeroshot_dir)
     if cfg.max_samples:
         samples = itertools.islice(samples, cfg.max_samples)
     return names, samples

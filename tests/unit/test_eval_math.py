@@ -136,3 +136,11 @@ def test_plot_writes_pngs(tmp_path):
     paths = plot_run(tmp_path)
     assert {p.name for p in paths} == {"loss.png", "zeroshot_top1.png", "curves.png"}
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_max_samples_spreads_over_classes(synthetic_dir):
+    from trainer.evaluate import zeroshot_samples
+
+    cfg = EvalConfig(zeroshot_dir=str(synthetic_dir / "val"), max_samples=30)
+    names, samples = zeroshot_samples(cfg)
+    assert len(samples) == 30 and {y for _, y in samples} == set(range(len(names)))
