@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "eval": "trainer.eval_cli",
     "export": "trainer.export",
     "plot": "trainer.plot",
+    "plan": "trainer.plan",
 }
 
 

@@ -1,0 +1,357 @@
+"""`disco-clip plan`: per-rank GPU memory of a CLIP run, and the largest global batch that fits.
+
+An analytic model, checked on this machine by bench/plan_vs_measured.py (tiny model, measured
+peak tensor bytes). Per rank, in bytes, with P parameters, N ranks, b = B/N:
+
+- parameters: the model's weights in the training dtype (fp32: 4P; bf16/fp16: 2P); ZeRO-3
+  shards them, except parameters smaller than `stage3_param_persistence_threshold`, which
+  every rank keeps whole (DeepSpeed's persistence rule).
+- gradients: one per parameter in the training dtype; sharded from ZeRO-2.
+- optimizer: AdamW's two fp32 moments (8P) plus the fp32 master weights (4P) — under mixed
+  precision, and also in fp32 from ZeRO-1 (DeepSpeed clones the fp32 partition); sharded from
+  ZeRO-1. Mixed precision: 2P + 2P + 12P, the ZeRO paper's K = 12.
+- buffers: ZeRO's gradient buckets, `reduce_bucket_size` elements each, read from the ZeRO
+  stage's ds_configs JSON (ZeRO-1: one fp32 bucket; ZeRO-2: one per overlap_comm buffer, in
+  the training dtype; ZeRO-3: one). At the shipped 5e8 elements they are GBs.
+- activations: what autograd saves, per sample, per tower (plan_activations below), plus the
+  input batch.
+- loss: the contrastive loss's peak, fp32 (the losses reduce in at least fp32), measured on
+  this machine with bench/loss_bench.py: naive 5 B×B blocks, disco 6 b×B blocks (3 per
+  direction: the matmul output kept for ∂/∂scale, the log-softmax, its gradient), tiled one
+  b×t tile + 2 b×d row buffers; plus the gathered features 2·B·d.
+
+The total is the plain sum, i.e. it assumes the peak is reached during the loss backward with
+every activation still live and all gradients allocated (the peak of a step on a GPU; the
+gradients are an over-estimate of at most 2P there). It must fit in gpu_memory ×
+usable_fraction (default 0.9: the CUDA context, NCCL buffers and allocator fragmentation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import re
+import sys
+from dataclasses import dataclass, replace
+
+from trainer.plan_activations import TowerShape, activation_bytes, input_bytes
+
+LOSS_NAMES = ("disco", "naive", "tiled")
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+NAIVE_BLOCKS = 5  # B×B fp32 blocks at the naive loss's peak (bench/loss_bench.py, d=64, N=2)
+DISCO_BLOCKS = 6  # b×B fp32 blocks at the DisCo loss's peak (same bench)
+TILED_ROW_BUFFERS = 2  # b×d fp32 buffers beside the tile in the tiled loss
+OPENAI_CLIP_VOCAB = 49408
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """One run to plan: model, cluster, batch and training options."""
+
+    model: str = "vit_b32"
+    """A preset of trainer.model.PRESETS."""
+    gpus: int = 8
+    """Data-parallel ranks N."""
+    gpu_memory: int = 40 * 2**30
+    """Bytes per GPU."""
+    batch: int = 32768
+    """Global contrastive batch B (a multiple of gpus)."""
+    zero: int = 2
+    """ZeRO stage 0-3 (0 = plain data parallel, as DDP)."""
+    loss: str = "disco"
+    """disco, naive or tiled."""
+    precision: str = "bf16"
+    """fp32, bf16 or fp16 (DeepSpeed mixed precision: the model and activations in 16 bits)."""
+    grad_cache: int = 1
+    """Gradient-caching chunks K (1 = off)."""
+    checkpointing: bool = False
+    """Activation (gradient) checkpointing of every encoder layer."""
+    tile: int = 512
+    """Columns per tile of the tiled loss."""
+    context_length: int = 77
+    """Text tokens per sample (CLIP: 77)."""
+    vocab_size: int = OPENAI_CLIP_VOCAB
+    """Text vocabulary (CLIP's BPE: 49408)."""
+    usable_fraction: float = 0.9
+    """Share of gpu_memory that tensors may use (the rest: CUDA context, fragmentation)."""
+    reduce_bucket: int | None = None
+    """ZeRO gradient bucket in elements; None reads ds_configs/zero{zero}.json."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int
+    """Exact parameter count (the preset built on the meta device)."""
+    persistent_params: int
+    """Parameters below ZeRO-3's persistence threshold: never sharded."""
+    towers: tuple[TowerShape, ...]
+    embed_dim: int
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Per-rank bytes by component."""
+
+    parameters: int
+    gradients: int
+    optimizer: int
+    buffers: int
+    activations: int
+    loss: int
+
+    @property
+    def states(self) -> int:
+        """What lives between steps: weights, optimizer state and (ZeRO-3) buckets."""
+        return self.parameters + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return (
+            self.parameters
+            + self.gradients
+            + self.optimizer
+            + self.buffers
+            + self.activations
+            + self.loss
+        )
+
+
+def parse_memory(text: str) -> int:
+    """'40GB', '40GiB', '80 G', '512MiB' -> bytes. GB means GiB: a '40GB' A100 has 40 GiB."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"--gpu-memory: cannot parse {text!r}; use e.g. 40GB, 80GiB, 24576MB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+@functools.lru_cache(maxsize=8)
+def model_shape(model: str, context_length: int, vocab_size: int) -> ModelShape:
+    """Count the preset's parameters exactly by building it on the meta device (no memory)."""
+    import torch
+
+    from trainer.model import ModelConfig, TokenIds, TrainableCLIP, build_clip_config
+
+    tokens = TokenIds(vocab_size=vocab_size, bos=vocab_size - 2, eos=vocab_size - 1, pad=0)
+    config = build_clip_config(ModelConfig(preset=model), tokens, context_length)
+    with torch.device("meta"):
+        clip = TrainableCLIP(config)
+    threshold = _ds_zero_section(3).get("stage3_param_persistence_threshold", 100_000)
+    sizes = [p.numel() for p in clip.parameters()]
+    vision, text = config.vision_config, config.text_config
+    return ModelShape(
+        params=sum(sizes),
+        persistent_params=sum(n for n in sizes if n < threshold),
+        towers=(
+            TowerShape.vision(
+                vision.num_hidden_layers,
+                vision.hidden_size,
+                vision.intermediate_size,
+                vision.num_attention_heads,
+                vision.image_size,
+                vision.patch_size,
+            ),  # fmt: skip
+            TowerShape.text(
+                text.num_hidden_layers,
+                text.hidden_size,
+                text.intermediate_size,
+                text.num_attention_heads,
+                context_length,
+            ),  # fmt: skip
+        ),
+        embed_dim=config.projection_dim,
+    )
+
+
+def _ds_zero_section(stage: int) -> dict:
+    from trainer.engine import DeepSpeedConfig
+
+    return DeepSpeedConfig(config=f"ds_configs/zero{stage}.json").load()["zero_optimization"]
+
+
+def buffer_bytes(stage: int, precision: str, reduce_bucket: int | None) -> int:
+    """ZeRO's contiguous gradient buckets (DeepSpeed allocates them whole, whatever P is)."""
+    if stage == 0:
+        return 0
+    zero = _ds_zero_section(stage)
+    if not zero.get("contiguous_gradients", True):
+        return 0
+    elements = int(zero.get("reduce_bucket_size", 5e8)) if reduce_bucket is None else reduce_bucket
+    if stage == 1:  # ZeRO-1 stages the fp32 accumulator
+        return elements * 4 * (2 if zero.get("overlap_comm", False) else 1)
+    if stage == 2:  # low-precision staging, double-buffered with overlap_comm
+        return elements * PRECISION_BYTES[precision] * (2 if zero.get("overlap_comm") else 1)
+    return elements * PRECISION_BYTES[precision]
+
+
+def state_bytes(shape: ModelShape, spec: PlanSpec) -> tuple[int, int, int]:
+    """(parameters, gradients, optimizer) bytes per rank under ZeRO stage `spec.zero`."""
+    n, p, dtype = spec.gpus, shape.params, PRECISION_BYTES[spec.precision]
+    mixed = spec.precision != "fp32"
+    if spec.zero >= 3:
+        sharded = shape.params - shape.persistent_params
+        parameters = dtype * (sharded // n + shape.persistent_params)
+    else:
+        parameters = dtype * p
+    gradients = dtype * p // (n if spec.zero >= 2 else 1)
+    master = 4 * p if (mixed or spec.zero >= 1) else 0
+    optimizer = (8 * p + master) // (n if spec.zero >= 1 else 1)
+    return parameters, gradients, optimizer
+
+
+def loss_bytes(loss: str, *, batch: int, gpus: int, embed_dim: int, feat_bytes: int, tile: int):
+    """Peak bytes of the contrastive loss forward+backward on one rank (see module doc)."""
+    b = batch // gpus
+    gathered = 2 * batch * embed_dim * feat_bytes  # all-gathered image and text features (B, d)
+    if loss == "naive":
+        return NAIVE_BLOCKS * batch * batch * 4 + gathered
+    if loss == "disco":
+        return DISCO_BLOCKS * b * batch * 4 + gathered
+    return b * min(tile, batch) * 4 + TILED_ROW_BUFFERS * b * embed_dim * 4 + gathered
+
+
+def plan(spec: PlanSpec) -> Breakdown:
+    """The per-rank memory breakdown of `spec`."""
+    shape = model_shape(spec.model, spec.context_length, spec.vocab_size)
+    parameters, gradients, optimizer = state_bytes(shape, spec)
+    b = spec.batch // spec.gpus
+    dtype = PRECISION_BYTES[spec.precision]
+    live_rows = b // spec.grad_cache  # samples whose activations exist at once
+    activations = sum(
+        activation_bytes(t, live_rows, dtype=dtype, checkpointing=spec.checkpointing)
+        for t in shape.towers
+    ) + sum(input_bytes(t, b, dtype=dtype) for t in shape.towers)
+    if spec.grad_cache > 1:  # cached features (b, d) ×2 and their fp32 gradients
+        activations += 2 * b * shape.embed_dim * (dtype + 4)
+    return Breakdown(
+        parameters=parameters,
+        gradients=gradients,
+        optimizer=optimizer,
+        buffers=buffer_bytes(spec.zero, spec.precision, spec.reduce_bucket),
+        activations=activations,
+        loss=loss_bytes(
+            spec.loss,
+            batch=spec.batch,
+            gpus=spec.gpus,
+            embed_dim=shape.embed_dim,
+            feat_bytes=dtype,
+            tile=spec.tile,
+        ),
+    )
+
+
+def budget(spec: PlanSpec) -> int:
+    return int(spec.gpu_memory * spec.usable_fraction)
+
+
+def fits(spec: PlanSpec) -> bool:
+    return plan(spec).total <= budget(spec)
+
+
+def largest_batch(spec: PlanSpec) -> int:
+    """Largest B (a multiple of N·K) whose plan fits; 0 if not even one step of N·K does.
+
+    Memory grows with B, so: double until it does not fit, then bisect on B/(N·K).
+    """
+    step = spec.gpus * spec.grad_cache
+    if not fits(replace(spec, batch=step)):
+        return 0
+    lo, hi = 1, 2
+    while fits(replace(spec, batch=hi * step)):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # invariant: lo fits, hi does not
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(replace(spec, batch=mid * step)) else (lo, mid)
+    return lo * step
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:8.2f} GiB"
+
+
+def format_report(spec: PlanSpec) -> str:
+    """The breakdown, the verdict, the largest batch and the assumptions, as printed."""
+    shape = model_shape(spec.model, spec.context_length, spec.vocab_size)
+    br = plan(spec)
+    b = spec.batch // spec.gpus
+    extras = f", grad-cache K={spec.grad_cache}" if spec.grad_cache > 1 else ""
+    extras += ", activation checkpointing" if spec.checkpointing else ""
+    lines = [
+        f"{spec.model} ({shape.params / 1e6:.1f}M params), {spec.gpus} GPUs × "
+        f"{spec.gpu_memory / 2**30:g} GiB, B={spec.batch} (b={b}/rank), ZeRO-{spec.zero}, "
+        f"{spec.precision}, loss={spec.loss}{extras}",
+        f"  parameters   {_gib(br.parameters)}",
+        f"  gradients    {_gib(br.gradients)}",
+        f"  optimizer    {_gib(br.optimizer)}",
+        f"  zero buffers {_gib(br.buffers)}",
+        f"  activations  {_gib(br.activations)}",
+        f"  loss         {_gib(br.loss)}",
+        f"  total        {_gib(br.total)}  of {_gib(budget(spec))} usable "
+        f"({spec.usable_fraction:.0%}): {'FITS' if fits(spec) else 'DOES NOT FIT'}",
+        f"  largest global batch that fits: {largest_batch(spec)}",
+        "assumptions: AdamW; mixed precision = 16-bit weights, gradients and activations "
+        "with fp32 master and moments; sdpa attention (no s×s matrix kept); loss in fp32; "
+        "ZeRO buckets from ds_configs; total = plain sum (peak in the loss backward); "
+        f"{1 - spec.usable_fraction:.0%} of memory kept for CUDA context and fragmentation.",
+    ]
+    return "\n".join(lines)
+
+
+def _spec_from_args(args: argparse.Namespace) -> PlanSpec:
+    """Validate the CLI arguments; a ValueError's message is the one-line error."""
+    from trainer.model import PRESETS
+
+    if args.model not in PRESETS:
+        raise ValueError(f"--model: unknown {args.model!r}; choose one of {', '.join(PRESETS)}")
+    if args.gpus < 1 or args.batch < 1 or args.grad_cache < 1:
+        raise ValueError("--gpus, --batch and --grad-cache must be >= 1")
+    if args.batch % args.gpus:
+        raise ValueError(f"--batch {args.batch} is not divisible by --gpus {args.gpus}")
+    if (args.batch // args.gpus) % args.grad_cache:
+        raise ValueError(
+            f"--grad-cache {args.grad_cache} does not divide the per-GPU batch "
+            f"{args.batch // args.gpus}"
+        )
+    if not 0 < args.usable_fraction <= 1:
+        raise ValueError(f"--usable-fraction must be in (0, 1], got {args.usable_fraction}")
+    return PlanSpec(
+        model=args.model,
+        gpus=args.gpus,
+        gpu_memory=parse_memory(args.gpu_memory),
+        batch=args.batch,
+        zero=args.zero,
+        loss=args.loss,
+        precision=args.precision,
+        grad_cache=args.grad_cache,
+        checkpointing=args.grad_checkpointing,
+        tile=args.tile,
+        context_length=args.context_length,
+        usable_fraction=args.usable_fraction,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        spec = _spec_from_args(args)
+    except ValueError as err:
+        print(f"disco-clip plan: error: {err}", file=sys.stderr)
+        return 2
+    print(format_report(spec))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="per-GPU memory breakdown and the largest batch")
+    p.add_argument("--model", default="vit_b32", help="model preset (tiny, vit_b32)")
+    p.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs N")
+    p.add_argument("--gpu-memory", default="40GB", help="per GPU; GB = GiB (e.g. 40GB, 80GiB)")
+    p.add_argument("--batch", type=int, default=32768, help="global contrastive batch B")
+    p.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3), help="ZeRO stage")
+    p.add_argument("--loss", default="disco", choices=LOSS_NAMES)
+    p.add_argument("--precision", default="bf16", choices=tuple(PRECISION_BYTES))
+    p.add_argument("--grad-cache", type=int, default=1, help="gradient-caching chunks K")
+    p.add_argument("--grad-checkpointing", action="store_true", help="checkpoint every layer")
+    p.add_argument("--tile", type=int, default=512, help="tile columns of the tiled loss")
+    p.add_argument("--context-length", type=int, default=77, help="text tokens per sample")
+    p.add_argument("--usable-fraction", type=float, default=0.9, help="of --gpu-memory")
+    p.set_defaults(func=_run)
