@@ -39,7 +39,8 @@ class StepOutput:
 def _all_finite(loss: torch.Tensor) -> bool:
     """Every rank must take the same branch, so finiteness is agreed by all_reduce."""
     flag = torch.tensor([float(torch.isfinite(loss).all())])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
 
