@@ -159,7 +159,7 @@ def measure_rank(rank: int, world: int, cases: list[BenchCase], ctx: int) -> lis
             )
             objective = make_objective(LossConfig(name=case.loss))
 
-            def step(batch=batch, objective=objective, chunks=case.chunks):
+            def step(engine=engine, batch=batch, objective=objective, chunks=case.chunks):
                 train_step(engine, batch, objective, chunks=chunks, dtype=torch.float32)
 
             step()  # warm-up: optimizer state and ZeRO buffers exist afterwards
@@ -236,7 +236,7 @@ def main() -> None:
         f"{'plan':>10}{'meas':>10}"
     )
     hits = 0
-    for case, meas in zip(cases, measured):
+    for case, meas in zip(cases, measured, strict=True):
         pred = predict(case, args.world, args.context_length, vocab)
         print(_row(case.label, pred, meas))
         hits += abs(sum(pred) / (meas["states"] + meas["step"]) - 1) <= 0.15

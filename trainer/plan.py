@@ -150,14 +150,14 @@ def model_shape(model: str, context_length: int, vocab_size: int) -> ModelShape:
                 vision.num_attention_heads,
                 vision.image_size,
                 vision.patch_size,
-            ),  # fmt: skip
+            ),
             TowerShape.text(
                 text.num_hidden_layers,
                 text.hidden_size,
                 text.intermediate_size,
                 text.num_attention_heads,
                 context_length,
-            ),  # fmt: skip
+            ),
         ),
         embed_dim=config.projection_dim,
     )
