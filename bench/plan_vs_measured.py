@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -67,10 +68,12 @@ def live_tensor_bytes() -> int:
     """Bytes of every live CPU tensor storage reachable from Python, each storage once."""
     gc.collect()
     seen: dict[int, int] = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
-            storage = obj.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
+    with warnings.catch_warnings():  # isinstance on some library proxies warns; irrelevant
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+                storage = obj.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
     seen.pop(0, None)  # empty tensors share the null pointer
     return sum(seen.values())
 

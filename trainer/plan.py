@@ -20,9 +20,11 @@ peak tensor bytes). Per rank, in bytes, with P parameters, N ranks, b = B/N:
   direction: the matmul output kept for ∂/∂scale, the log-softmax, its gradient), tiled one
   b×t tile + 2 b×d row buffers; plus the gathered features 2·B·d.
 
-The total is the plain sum, i.e. it assumes the peak is reached during the loss backward with
-every activation still live and all gradients allocated (the peak of a step on a GPU; the
-gradients are an over-estimate of at most 2P there). It must fit in gpu_memory ×
+The total is the states + buffers + gradients plus the larger of two phases: the loss backward
+with every activation still live (a plain step's peak), or — with gradient caching, where the
+loss runs between the graph-free encode and the re-encode — the re-encode of b/K samples
+beside the cached features. Counting all gradients at the peak over-estimates by at most
+one gradient copy. It must fit in gpu_memory ×
 usable_fraction (default 0.9: the CUDA context, NCCL buffers and allocator fragmentation).
 """
 
@@ -99,6 +101,10 @@ class Breakdown:
     buffers: int
     activations: int
     loss: int
+    live_during_loss: int
+    """Activation bytes still live while the loss runs: all of them in a plain step; with
+    gradient caching only the inputs and cached features (the loss runs between the
+    graph-free encode and the re-encode, and its graph is freed before the re-encode)."""
 
     @property
     def states(self) -> int:
@@ -107,14 +113,8 @@ class Breakdown:
 
     @property
     def total(self) -> int:
-        return (
-            self.parameters
-            + self.gradients
-            + self.optimizer
-            + self.buffers
-            + self.activations
-            + self.loss
-        )
+        model = self.parameters + self.gradients + self.optimizer + self.buffers
+        return model + max(self.activations, self.live_during_loss + self.loss)
 
 
 def parse_memory(text: str) -> int:
@@ -217,12 +217,16 @@ def plan(spec: PlanSpec) -> Breakdown:
     b = spec.batch // spec.gpus
     dtype = PRECISION_BYTES[spec.precision]
     live_rows = b // spec.grad_cache  # samples whose activations exist at once
-    activations = sum(
+    inputs = sum(input_bytes(t, b, dtype=dtype) for t in shape.towers)
+    activations = inputs + sum(
         activation_bytes(t, live_rows, dtype=dtype, checkpointing=spec.checkpointing)
         for t in shape.towers
-    ) + sum(input_bytes(t, b, dtype=dtype) for t in shape.towers)
+    )
+    live_during_loss = activations
     if spec.grad_cache > 1:  # cached features (b, d) ×2 and their fp32 gradients
-        activations += 2 * b * shape.embed_dim * (dtype + 4)
+        cache = 2 * b * shape.embed_dim * (dtype + 4)
+        activations += cache
+        live_during_loss = inputs + cache
     return Breakdown(
         parameters=parameters,
         gradients=gradients,
@@ -237,6 +241,7 @@ def plan(spec: PlanSpec) -> Breakdown:
             feat_bytes=dtype,
             tile=spec.tile,
         ),
+        live_during_loss=live_during_loss,
     )
 
 
@@ -291,7 +296,8 @@ def format_report(spec: PlanSpec) -> str:
         f"  largest global batch that fits: {largest_batch(spec)}",
         "assumptions: AdamW; mixed precision = 16-bit weights, gradients and activations "
         "with fp32 master and moments; sdpa attention (no s×s matrix kept); loss in fp32; "
-        "ZeRO buckets from ds_configs; total = plain sum (peak in the loss backward); "
+        "ZeRO buckets from ds_configs; peak in the loss backward (or, with grad-cache, the "
+        "larger of the loss and the re-encode); "
         f"{1 - spec.usable_fraction:.0%} of memory kept for CUDA context and fragmentation.",
     ]
     return "\n".join(lines)
