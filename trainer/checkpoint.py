@@ -8,6 +8,11 @@ Layout under RUN/checkpoints/:
 
 `resume=auto` takes the newest tag that has COMPLETE, whatever `latest` says: a kill during a
 write leaves a tag without the marker, which is ignored (and removed by the next cleanup).
+A write that fails (disk full) removes its tag dir; weights that are not finite are never saved.
+
+Trust boundary: our client state is read with `torch.load(weights_only=True)` (tensors and
+plain containers only) before DeepSpeed's `load_checkpoint`, which unpickles its own files in
+full: resume only from checkpoints your runs wrote.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ import torch.distributed as dist
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or trusted: the message is one line."""
 
 
 @dataclass
@@ -91,19 +100,38 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def weights_finite(engine) -> bool:
+    """Agreed by all ranks: every parameter this rank holds (its ZeRO-3 partition) is finite."""
+    local = all(
+        bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters()
+    )
+    flag = torch.tensor([float(local)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def save(engine, ckpt_dir: Path, *, step: int, data_state: dict, keep_last: int, rank: int) -> Path:
     """Collective: every rank must call it at the same step."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
+    if not weights_finite(engine):
+        raise CheckpointError(
+            f"weights are not finite at step {step} (non-finite gradients?); no checkpoint "
+            "written: resume from the newest complete one with a lower optim.lr"
+        )
     if rank == 0 and tag_dir.exists():  # a stale incomplete attempt at this same step
         shutil.rmtree(tag_dir)
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
-    client = {"step": step, "data": data_state, "rng": _rng_state()}
-    client_path = tag_dir / f"rank_{rank:05d}.pt"
-    tmp = client_path.with_suffix(".tmp")
-    torch.save(client, tmp)
-    os.replace(tmp, client_path)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+        client = {"step": step, "data": data_state, "rng": _rng_state()}
+        client_path = tag_dir / f"rank_{rank:05d}.pt"
+        tmp = client_path.with_suffix(".tmp")
+        torch.save(client, tmp)
+        os.replace(tmp, client_path)
+    except OSError:  # disk full: leave no half-written tag behind (it has no COMPLETE anyway)
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        raise
     dist.barrier()  # every rank's files are on disk before the marker says so
     if rank == 0:
         _atomic_write_text(tag_dir / COMPLETE, f"{step}\n")
@@ -124,20 +152,35 @@ def _cleanup(ckpt_dir: Path, keep_last: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def load_client_state(path: Path) -> dict:
+    """This rank's client state, tensors and plain containers only (weights_only=True): a
+    file that needs arbitrary unpickling is refused, not executed."""
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} missing: the checkpoint was written by a run with a different "
+            "world size; resume with the same number of ranks"
+        )
+    try:
+        client = torch.load(path, weights_only=True)
+    except Exception as err:  # UnpicklingError for foreign objects, others for corrupt files
+        first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path} is not a client state this trainer wrote (refused by weights_only=True: "
+            f"{first}); resume from a checkpoint your own run wrote"
+        ) from None
+    if not isinstance(client, dict) or not {"step", "data", "rng"} <= client.keys():
+        raise CheckpointError(f"{path} lacks step/data/rng; it was not written by this trainer")
+    return client
+
+
 def load(engine, tag_dir: Path, *, rank: int) -> dict:
     """Restore engine + this rank's RNG; returns the client state (step, data position)."""
+    client = load_client_state(tag_dir / f"rank_{rank:05d}.pt")  # the safe load goes first
     engine.load_checkpoint(
         str(tag_dir.parent),
         tag=tag_dir.name,
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
     )
-    client_path = tag_dir / f"rank_{rank:05d}.pt"
-    if not client_path.is_file():
-        raise FileNotFoundError(
-            f"{client_path} missing: the checkpoint was written by a run with a different "
-            "world size; resume with the same number of ranks"
-        )
-    client = torch.load(client_path, weights_only=True)
     _set_rng_state(client["rng"])
     return client
