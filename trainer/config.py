@@ -48,6 +48,8 @@ class TrainConfig:
     memory of b/K samples, contrastive batch still B (1 = off)."""
     nonfinite: str = "skip"
     """On a non-finite loss: "skip" the step (counted in metrics) or "stop" the run."""
+    inject_nan_at_step: int = 0
+    """Debug/test knob: make the loss NaN at this step to exercise `nonfinite` (0 = never)."""
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -60,6 +62,8 @@ class TrainConfig:
             )
         if self.grad_cache_chunks < 1:
             raise ValueError(f"grad_cache_chunks must be >= 1, got {self.grad_cache_chunks}")
+        if self.inject_nan_at_step < 0:
+            raise ValueError(f"inject_nan_at_step must be >= 0, got {self.inject_nan_at_step}")
         if self.nonfinite not in ("skip", "stop"):
             raise ValueError(f"nonfinite must be skip or stop, got {self.nonfinite!r}")
 

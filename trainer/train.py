@@ -73,6 +73,29 @@ def prepare_run_dir(cfg: Config, info: DistInfo) -> Path:
     return run_dir
 
 
+def debug_nan_injection(objective, at_step: int):
+    """step -> objective; at `at_step` (train.inject_nan_at_step, 0 = never) the loss is NaN,
+    the way the non-finite policy is exercised by tests without waiting for a real blow-up."""
+    poisoned = lambda *args: objective(*args) * float("nan")  # noqa: E731
+    return lambda step: poisoned if step == at_step else objective
+
+
+def check_free_space(engine, ckpt_dir: Path) -> None:
+    """Refuse to start when the disk cannot hold one more checkpoint (weights + Adam moments,
+    plus fp32 master weights in mixed precision): better now than at the first save."""
+    import shutil
+
+    numel = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    need = numel * (16 if engine.bfloat16_enabled() or engine.fp16_enabled() else 12)
+    where = next(p for p in (ckpt_dir, *ckpt_dir.parents) if p.exists())  # rank 0 makes it
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise ConfigError(
+            f"run.dir: {free / 2**20:.1f} MiB free at {ckpt_dir}, a checkpoint needs about "
+            f"{need / 2**20:.1f} MiB; free some space or choose another run.dir"
+        )
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -84,21 +107,28 @@ def train(cfg: Config, info: DistInfo, run_dir: Path) -> int:
     from trainer.metrics import MetricsLogger
     from trainer.step import make_objective, train_step
 
-    parts = build_components(cfg, info)  # model, engine, loader, tokenizer (see build.py)
-    engine, loader = parts.engine, parts.loader
     ckpt_dir = run_dir / "checkpoints"
-    start_step = 0
-    resume_dir = checkpoint.find_resume_dir(cfg.checkpoint, ckpt_dir)
-    if resume_dir is not None:
-        client = checkpoint.load(engine, resume_dir, rank=info.rank)
-        start_step = client["step"]
-        loader.load_state_dict(client["data"])
-        print(f"[rank {info.rank}] resumed from {resume_dir} at step {start_step}", flush=True)
+    # Bad input that only shows while setting up (a tokenizer that does not parse, a loader
+    # state saved with other data settings) is the same on every rank: one line, exit 2.
+    try:
+        parts = build_components(cfg, info)  # model, engine, loader, tokenizer (see build.py)
+        engine, loader = parts.engine, parts.loader
+        check_free_space(engine, ckpt_dir)
+        start_step = 0
+        resume_dir = checkpoint.find_resume_dir(cfg.checkpoint, ckpt_dir)
+        if resume_dir is not None:
+            client = checkpoint.load(engine, resume_dir, rank=info.rank)
+            start_step = client["step"]
+            loader.load_state_dict(client["data"])
+            print(f"[rank {info.rank}] resumed from {resume_dir} at step {start_step}", flush=True)
+    except ValueError as err:
+        raise ConfigError(str(err).strip().splitlines()[0]) from err
 
     metrics = MetricsLogger(
         cfg.log, run_dir, enabled=info.is_main, total_steps=cfg.train.steps, start_step=start_step
     )
     objective = make_objective(cfg.loss)
+    objective_at = debug_nan_injection(objective, cfg.train.inject_nan_at_step)
     stop = StopRequest()
     batches = iter(loader)
     skipped_steps, step = 0, start_step
@@ -110,13 +140,16 @@ def train(cfg: Config, info: DistInfo, run_dir: Path) -> int:
         lr = engine.get_lr()[0]
         started = time.perf_counter()
         batch = next(batches)
-        out = train_step(engine, batch, objective, chunks=cfg.train.grad_cache_chunks, dtype=dtype)
+        out = train_step(
+            engine, batch, objective_at(step + 1), chunks=cfg.train.grad_cache_chunks, dtype=dtype
+        )
         step += 1
         if not out.applied:
             skipped_steps += 1
             if cfg.train.nonfinite == "stop":
                 print(
-                    f"error: non-finite loss at step {step}; stopping (train.nonfinite=stop)",
+                    f"disco-clip: error: non-finite loss at step {step}; stopping "
+                    "(train.nonfinite=stop); no checkpoint of it was written",
                     file=sys.stderr,
                 )
                 return 1
@@ -170,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"disco-clip: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
 
+    from trainer.checkpoint import CheckpointError
     from trainer.dist import init_distributed
 
     init_distributed(info, cfg.dist)
@@ -178,22 +212,44 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"disco-clip: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except CheckpointError as err:
+        print(f"disco-clip: error: rank {info.rank}: {err}", file=sys.stderr)
+        return 1
     except (RuntimeError, dist.DistBackendError) as err:
-        if (
-            "Connection closed by peer" in str(err)
-            or "Timed out" in str(err)
-            or isinstance(err, dist.DistBackendError)
-        ):
-            print(
-                f"disco-clip: error: rank {info.rank}: lost contact with another rank ({str(err).splitlines()[0]}); "
-                "see the other ranks' logs for the first failure",
-                file=sys.stderr,
-            )
-            return 1
-        raise
+        data_error = [line for line in str(err).splitlines() if "no usable sample" in line]
+        if data_error:  # data/stream.py: not one readable image-caption pair in the shards
+            print(f"disco-clip: error: data.train_shards: {data_error[0].strip()}", file=sys.stderr)
+            return EXIT_CONFIG
+        why = lost_peer(err)
+        if not why:
+            raise
+        print(
+            f"disco-clip: error: rank {info.rank}: lost contact with another rank ({why}); "
+            "it died or hung: see the other ranks' logs and the launcher's for the first failure",
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as err:  # disk full or run dir gone mid-run: say which file, not a traceback
+        print(
+            f"disco-clip: error: rank {info.rank}: {err.strerror or err}: "
+            f"{err.filename or run_dir}; the newest complete checkpoint is intact: fix that "
+            "and resume with checkpoint.resume=auto",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def lost_peer(err: BaseException) -> str:
+    """gloo's and the store's wordings for "another rank died" (a closed or reset socket, a
+    collective that timed out), or "" for any other error."""
+    words = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out")
+    found = [w for w in words if w in str(err)]
+    if found:
+        return found[0]
+    return type(err).__name__ if isinstance(err, dist.DistBackendError) else ""
 
 
 def add_parser(subparsers) -> None:
