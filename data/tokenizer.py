@@ -20,7 +20,14 @@ def load_tokenizer(path: str | Path) -> CLIPTokenizer:
             f"tokenizer: '{path}' is not a tokenizer directory (missing {', '.join(missing)}); "
             f"point it at a saved CLIPTokenizer, e.g. DIR/tokenizer from 'disco-clip make-synthetic'"
         )
-    tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:  # a corrupt tokenizer.json/config: name the dir, not a traceback
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"tokenizer: '{path}' could not be loaded ({first}); point it at a saved "
+            f"CLIPTokenizer directory, e.g. DIR/tokenizer from 'disco-clip make-synthetic'"
+        ) from None
     if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
         raise ValueError(
             f"tokenizer: '{path}' has no eos or pad token; set them in tokenizer_config.json"
