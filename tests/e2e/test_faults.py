@@ -1,0 +1,214 @@
+"""Real faults injected into real runs (issue 9): a SIGKILLed rank under torchrun and under the
+deepspeed launcher, a job killed around a checkpoint write, NaN losses under both policies, a
+run dir without space. Every job starts at once in the module fixture (start-up dominates on
+two cores); each test then drives and checks its own job.
+
+What a failure localises: dead rank -> trainer/train.py's lost-peer handling or the launcher;
+kill during a write -> trainer/checkpoint.py's COMPLETE marker / resume=auto; NaN -> the
+finiteness flag in trainer/step.py and the policy in trainer/train.py; no space ->
+train.check_free_space.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.e2e import runs
+from tests.e2e.faults import Job, launcher_prefix
+from tests.e2e.runs import DEBUG_CONFIG, REPO, losses
+from trainer.checkpoint import COMPLETE, LATEST, TAG_RE, complete_tags
+from trainer.localdist import free_port
+from trainer.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+DEAD_RANK_LIMIT_S = 120  # the issue's promise: everything exits within this after a kill -9
+RESUME_STEPS = 24
+RESUME_COMMON = [
+    f"train.steps={RESUME_STEPS}", "checkpoint.every=3", "model.attention_dropout=0.1",
+    "data.workers=1",
+]  # fmt: skip
+
+
+def command(launcher: str, run_dir: Path, data: Path, overrides: list[str]) -> list[str]:
+    return [
+        *launcher_prefix(launcher, free_port()), "trainer.train", "--config", str(DEBUG_CONFIG),
+        f"run.dir={run_dir}", f"data.train_shards={data / 'train'}", *overrides,
+    ]  # fmt: skip
+
+
+class Driver(threading.Thread):
+    """Runs one job's fault injection beside the others; the test reads `result` or the error."""
+
+    def __init__(self, action):
+        super().__init__(daemon=True)
+        self.action, self.result, self.error = action, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self.action()
+        except BaseException as err:  # re-raised in the test
+            self.error = err
+
+    def outcome(self):
+        self.join(900)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def kill_rank_1(job: Job, run_dir: Path) -> float:
+    """Once the job has trained 3 steps, SIGKILL rank 1; seconds until everything is gone."""
+    try:
+        job.wait_steps(run_dir, 3)
+        job.kill_rank(1)
+        return job.wait_all_gone(DEAD_RANK_LIMIT_S)
+    finally:
+        job.kill_all()
+
+
+@pytest.fixture(scope="module")
+def jobs(synthetic_dir, tmp_path_factory) -> dict:
+    data, root = Path(synthetic_dir), tmp_path_factory.mktemp("faults")
+    started = {}
+
+    def start(name: str, launcher: str, overrides: list[str]) -> Job:
+        cmd = command(launcher, root / name, data, overrides)
+        started[name] = Job(cmd, root / f"{name}.log")
+        return started[name]
+
+    forever = ["train.steps=100000", "checkpoint.every=0", "checkpoint.at_end=false",
+               "dist.timeout_s=60"]  # fmt: skip
+    out = {"root": root, "data": data}
+    for launcher in ("torchrun", "deepspeed"):
+        job = start(f"dead-{launcher}", launcher, forever)
+        run_dir = root / f"dead-{launcher}"
+        out[f"killer-{launcher}"] = Driver(lambda j=job, d=run_dir: kill_rank_1(j, d))
+    nan = ["train.steps=4", "train.inject_nan_at_step=2", "checkpoint.every=1"]
+    start("nan-skip", "torchrun", nan)
+    start("nan-stop", "torchrun", [*nan, "train.nonfinite=stop"])
+    start("reference", "torchrun", RESUME_COMMON)
+    crashed = start("crashed", "torchrun", RESUME_COMMON)
+    out["killer-crashed"] = Driver(
+        lambda: crashed.kill_during_write(root / "crashed" / "checkpoints", "step_00000003")
+    )
+    out.update(started)
+    try:
+        yield out
+    finally:
+        for job in started.values():
+            job.kill_all()
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_dead_rank_ends_the_job(jobs, launcher: str) -> None:
+    """kill -9 of rank 1 mid-run: rank 0 and the launcher exit non-zero within 120 s, with
+    a message naming the failure; nothing hangs. (tests/e2e/test_launchers.py covers ranks
+    started without a launcher.)"""
+    seconds = jobs[f"killer-{launcher}"].outcome()
+    job: Job = jobs[f"dead-{launcher}"]
+    out = job.output()
+    print(f"\n{launcher}: rank 1 SIGKILLed -> launcher and ranks gone after {seconds:.1f} s")
+    assert job.proc.returncode not in (0, None), out[-3000:]
+    # The launcher names the dead rank and its signal (torchrun: "Signal 9 (SIGKILL)").
+    assert "SIGKILL" in out or "-9" in out or "signal 9" in out.lower(), out[-3000:]
+
+
+def test_kill_during_checkpoint_write_resumes_from_previous(jobs) -> None:
+    """The whole job is SIGKILLed while a checkpoint is being written (caught live when the
+    poll sees a tag dir without COMPLETE; otherwise the newest checkpoint is made partial the
+    way such a kill leaves it: no COMPLETE, a rank file missing, `latest` naming it).
+    resume=auto must take the previous complete one, and the curve must equal the
+    uninterrupted run's exactly."""
+    run_dir = jobs["root"] / "crashed"
+    ckpt = run_dir / "checkpoints"
+    caught = jobs["killer-crashed"].outcome()
+    live = bool(caught)
+    if not caught:
+        caught = complete_tags(ckpt)[-1]
+        (ckpt / caught / COMPLETE).unlink()
+        (ckpt / caught / "rank_00001.pt").unlink()
+        (ckpt / LATEST).write_text(f"{caught}\n")
+    previous = complete_tags(ckpt)[-1]
+    assert previous < caught
+    print(f"\npartial checkpoint {caught} (killed mid-write: {live}); resuming from {previous}")
+
+    reference: Job = jobs["reference"]
+    assert reference.proc.wait(timeout=600) == 0, reference.output()[-3000:]
+    resumed = Job(
+        command("torchrun", run_dir, jobs["data"], [*RESUME_COMMON, "checkpoint.resume=auto"]),
+        jobs["root"] / "resumed.log",
+    )
+    assert resumed.proc.wait(timeout=600) == 0, resumed.output()[-3000:]
+    assert f"resumed from {ckpt / previous} at step" in resumed.output()
+    assert losses(run_dir) == losses(jobs["root"] / "reference")  # exact, every step
+    assert complete_tags(ckpt)[-1] == f"step_{RESUME_STEPS:08d}"
+
+
+def _checkpoint_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    # Our own test run's file: trusted, so the full unpickler is fine here.
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
+    return {k: v for k, v in states["module"].items() if torch.is_tensor(v)}
+
+
+def test_nan_skip_policy_skips_and_counts(jobs) -> None:
+    job: Job = jobs["nan-skip"]
+    assert job.proc.wait(timeout=600) == 0, job.output()[-3000:]
+    records = read_metrics(jobs["root"] / "nan-skip")
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1, 1]
+    assert records[1]["loss"] != records[1]["loss"]  # NaN logged as such
+    assert all(r["loss"] == r["loss"] for r in records[2:])
+    ckpt = jobs["root"] / "nan-skip" / "checkpoints"
+    for tag in complete_tags(ckpt):
+        weights = _checkpoint_weights(ckpt / tag)
+        assert weights and all(torch.isfinite(w).all() for w in weights.values()), tag
+
+
+def test_nan_stop_policy_stops_without_checkpoint(jobs) -> None:
+    job: Job = jobs["nan-stop"]
+    code = job.proc.wait(timeout=600)
+    out = job.output()
+    assert code != 0, out[-3000:]
+    assert "error: non-finite loss at step 2; stopping (train.nonfinite=stop)" in out
+    assert 'File "/work/main/trainer' not in out  # torchrun's own summary aside, no traceback
+    ckpt = jobs["root"] / "nan-stop" / "checkpoints"
+    assert [p.name for p in ckpt.iterdir() if TAG_RE.match(p.name)] == ["step_00000001"]
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tiny tmpfs here ({done.stderr.strip()})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_out_of_space_refused_before_training(tiny_tmpfs, synthetic_dir) -> None:
+    """A run dir on a 64 KiB filesystem: one line, exit 2 before step 1, nothing half-written
+    (only the atomically written config.yaml and the empty checkpoints/ dir)."""
+    run_dir = tiny_tmpfs / "run"
+    cmd = [sys.executable, "-m", "trainer.train", "--config", str(DEBUG_CONFIG),
+           f"run.dir={run_dir}", f"data.train_shards={Path(synthetic_dir) / 'train'}"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, env=runs.test_env(), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "MiB free" in errors[0] and "run.dir" in errors[0], done.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml"]
+    assert not any((run_dir / "checkpoints").iterdir())
+    shutil.rmtree(run_dir)
