@@ -25,13 +25,18 @@ from data.transforms import eval_transform
 
 
 def tiny_clip_config(
-    tokenizer, image_size: int, context_length: int, width: int = 128, layers: int = 3
+    tokenizer,
+    image_size: int,
+    context_length: int,
+    width: int = 128,
+    layers: int = 3,
+    patch: int = 8,
 ) -> CLIPConfig:
     text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
                 num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=context_length,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    vision = dict(image_size=image_size, patch_size=8, hidden_size=width, intermediate_size=2 * width,
+    vision = dict(image_size=image_size, patch_size=patch, hidden_size=width, intermediate_size=2 * width,
                   num_hidden_layers=layers, num_attention_heads=4)  # fmt: skip
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=width)
 
@@ -73,17 +78,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--patch", type=int, default=8)
+    parser.add_argument("--crop-min", type=float, default=0.9, help="random resized crop scale min")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the model")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     cfg = DataConfig(train_shards=f"{args.data}/train", tokenizer=f"{args.data}/tokenizer",
                      image_size=args.image_size, context_length=args.context_length,
-                     workers=args.workers)  # fmt: skip
+                     workers=args.workers,
+                     random_resized_crop_scale=(args.crop_min, 1.0))  # fmt: skip
     cfg.validate()
     tokenizer = load_tokenizer(cfg.tokenizer)
     config = tiny_clip_config(
-        tokenizer, args.image_size, args.context_length, args.width, args.layers
+        tokenizer, args.image_size, args.context_length, args.width, args.layers, args.patch
     )
     model = CLIPModel(config)
     print(config.vision_config.to_diff_dict(), config.text_config.to_diff_dict(), sep="\n")
