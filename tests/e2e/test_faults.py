@@ -12,6 +12,7 @@ train.check_free_space.
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -75,6 +76,17 @@ def kill_rank_1(job: Job, run_dir: Path) -> float:
         job.kill_all()
 
 
+def terminate_launcher(job: Job, run_dir: Path) -> int:
+    """SIGTERM to the launcher only (what `docker stop`, Kubernetes or a scheduler sends):
+    torchrun passes it to the ranks, which must checkpoint at the step boundary and exit."""
+    try:
+        job.wait_steps(run_dir, 3)
+        job.proc.send_signal(signal.SIGTERM)
+        return job.proc.wait(timeout=DEAD_RANK_LIMIT_S)
+    finally:
+        job.kill_all()
+
+
 @pytest.fixture(scope="module")
 def jobs(synthetic_dir, tmp_path_factory) -> dict:
     data, root = Path(synthetic_dir), tmp_path_factory.mktemp("faults")
@@ -96,6 +108,8 @@ def jobs(synthetic_dir, tmp_path_factory) -> dict:
     start("nan-skip", "torchrun", nan)
     start("nan-stop", "torchrun", [*nan, "train.nonfinite=stop"])
     start("reference", "torchrun", RESUME_COMMON)
+    sigterm = start("sigterm", "torchrun", forever)
+    out["killer-sigterm"] = Driver(lambda: terminate_launcher(sigterm, root / "sigterm"))
     crashed = start("crashed", "torchrun", RESUME_COMMON)
     out["killer-crashed"] = Driver(
         lambda: crashed.kill_during_write(root / "crashed" / "checkpoints", "step_00000003")
@@ -120,6 +134,18 @@ def test_dead_rank_ends_the_job(jobs, launcher: str) -> None:
     assert job.proc.returncode not in (0, None), out[-3000:]
     # The launcher names the dead rank and its signal (torchrun: "Signal 9 (SIGKILL)").
     assert "SIGKILL" in out or "-9" in out or "signal 9" in out.lower(), out[-3000:]
+
+
+def test_sigterm_checkpoints_then_exits(jobs) -> None:
+    """Both ranks write one complete checkpoint at the next step boundary, say so and exit 75
+    (preempted: resume with checkpoint.resume=auto; exactness is tests/e2e/test_resume.py's),
+    well within torchrun's grace period before it SIGKILLs them."""
+    jobs["killer-sigterm"].outcome()
+    out = jobs["sigterm"].output()
+    assert out.count("stop requested: checkpoint at step") == 2, out[-3000:]
+    assert jobs["sigterm"].proc.returncode != 0  # torchrun re-raises the signal it got
+    tags = complete_tags(jobs["root"] / "sigterm" / "checkpoints")
+    assert len(tags) == 1 and int(tags[0].split("_")[1]) >= 3, tags
 
 
 def test_kill_during_checkpoint_write_resumes_from_previous(jobs) -> None:
