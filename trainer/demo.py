@@ -31,7 +31,7 @@ def make_data() -> None:
         _say(f"dataset: reusing {DATA}")
         return
     _say(f"dataset: writing the built-in synthetic dataset to {DATA}")
-    make_synthetic(DATA, train_samples=10000, val_per_class=20, image_size=64, seed=0)
+    make_synthetic(DATA, train_samples=10000, val_per_class=20, image_size=32, seed=0)
 
 
 def train(nproc: int) -> None:
