@@ -132,7 +132,8 @@ def test_dead_rank_ends_the_job(jobs, launcher: str) -> None:
     out = job.output()
     print(f"\n{launcher}: rank 1 SIGKILLed -> launcher and ranks gone after {seconds:.1f} s")
     assert job.proc.returncode not in (0, None), out[-3000:]
-    # The launcher names the dead rank and its signal (torchrun: "Signal 9 (SIGKILL)").
+    # Rank 0 says what happened in one line; the launcher names the dead rank's signal.
+    assert "error: rank 0: lost contact with another rank" in out, out[-3000:]
     assert "SIGKILL" in out or "-9" in out or "signal 9" in out.lower(), out[-3000:]
 
 
