@@ -129,9 +129,19 @@ def save(engine, ckpt_dir: Path, *, step: int, data_state: dict, keep_last: int,
         tmp = client_path.with_suffix(".tmp")
         torch.save(client, tmp)
         os.replace(tmp, client_path)
-    except OSError:  # disk full: leave no half-written tag behind (it has no COMPLETE anyway)
-        shutil.rmtree(tag_dir, ignore_errors=True)
-        raise
+    except (OSError, RuntimeError) as err:
+        # Disk full or unwritable. torch.save reports it as a RuntimeError from its zip writer
+        # ("inline_container"); any other RuntimeError (a lost peer) is not ours to explain.
+        if isinstance(err, RuntimeError) and "inline_container" not in str(err):
+            raise
+        shutil.rmtree(tag_dir, ignore_errors=True)  # no half-written tag left behind
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        free = shutil.disk_usage(ckpt_dir).free / 2**20
+        raise CheckpointError(
+            f"checkpoint {tag} could not be written ({reason.strip().splitlines()[0][:120]}; "
+            f"{free:.1f} MiB free at {ckpt_dir}); the previous complete checkpoint is intact: "
+            "free space and resume with checkpoint.resume=auto"
+        ) from None
     dist.barrier()  # every rank's files are on disk before the marker says so
     if rank == 0:
         _atomic_write_text(tag_dir / COMPLETE, f"{step}\n")

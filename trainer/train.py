@@ -81,12 +81,13 @@ def debug_nan_injection(objective, at_step: int):
 
 
 def check_free_space(engine, ckpt_dir: Path) -> None:
-    """Refuse to start when the disk cannot hold one more checkpoint (weights + Adam moments,
-    plus fp32 master weights in mixed precision): better now than at the first save."""
+    """Refuse to start when the disk cannot hold one more checkpoint (about 16 bytes per
+    parameter: weights, ZeRO's fp32 master copy, two Adam moments): better now than at the
+    first save."""
     import shutil
 
     numel = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-    need = numel * (16 if engine.bfloat16_enabled() or engine.fp16_enabled() else 12)
+    need = numel * 16
     where = next(p for p in (ckpt_dir, *ckpt_dir.parents) if p.exists())  # rank 0 makes it
     free = shutil.disk_usage(where).free
     if free < need:
