@@ -210,28 +210,64 @@ def test_nan_stop_policy_stops_without_checkpoint(jobs) -> None:
     assert [p.name for p in ckpt.iterdir() if TAG_RE.match(p.name)] == ["step_00000001"]
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+def mount_tmpfs(path: Path, size: str) -> Path:
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                           capture_output=True, text=True)  # fmt: skip
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tiny tmpfs here ({done.stderr.strip()})")
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()})")
+    return path
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    mount = mount_tmpfs(tmp_path / "tiny", "64k")
     try:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """Room for one checkpoint of the tiny model (~5.2 MB) but not two."""
+    mount = mount_tmpfs(tmp_path / "small", "8m")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def single_process(run_dir: Path, data: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "trainer.train", "--config", str(DEBUG_CONFIG),
+           f"run.dir={run_dir}", f"data.train_shards={data / 'train'}", *overrides]  # fmt: skip
+    return subprocess.run(cmd, cwd=REPO, env=runs.test_env(), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
+def test_disk_full_mid_run_keeps_the_previous_checkpoint(small_tmpfs, synthetic_dir) -> None:
+    """The disk fills while the second checkpoint is written (keep_last=1 deletes the first
+    only after the second is complete): one line, exit 1, the failed tag dir removed, the
+    first checkpoint intact and still what resume=auto would take."""
+    run_dir = small_tmpfs / "run"
+    done = single_process(run_dir, Path(synthetic_dir), "checkpoint.every=2",
+                          "checkpoint.keep_last=1")  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert 'File "' not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "step_00000004 could not be written" in errors[0], done.stderr
+    assert "MiB free" in errors[0] and "previous complete checkpoint is intact" in errors[0]
+    ckpt = run_dir / "checkpoints"
+    assert [p.name for p in ckpt.iterdir() if TAG_RE.match(p.name)] == ["step_00000002"]
+    assert complete_tags(ckpt) == ["step_00000002"]
+    shutil.rmtree(run_dir)
+
+
 def test_out_of_space_refused_before_training(tiny_tmpfs, synthetic_dir) -> None:
     """A run dir on a 64 KiB filesystem: one line, exit 2 before step 1, nothing half-written
     (only the atomically written config.yaml and the empty checkpoints/ dir)."""
     run_dir = tiny_tmpfs / "run"
-    cmd = [sys.executable, "-m", "trainer.train", "--config", str(DEBUG_CONFIG),
-           f"run.dir={run_dir}", f"data.train_shards={Path(synthetic_dir) / 'train'}"]  # fmt: skip
-    done = subprocess.run(cmd, cwd=REPO, env=runs.test_env(), capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    done = single_process(run_dir, Path(synthetic_dir))
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if "error" in line]
