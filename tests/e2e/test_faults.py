@@ -11,7 +11,6 @@ train.check_free_space.
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import sys
@@ -100,6 +99,11 @@ def jobs(synthetic_dir, tmp_path_factory) -> dict:
     forever = ["train.steps=100000", "checkpoint.every=0", "checkpoint.at_end=false",
                "dist.timeout_s=60"]  # fmt: skip
     out = {"root": root, "data": data}
+    disks = {
+        "no-space": DiskRun(root, data, "64k", []),
+        "disk-full": DiskRun(root, data, "8m", ["checkpoint.every=2", "checkpoint.keep_last=1"]),
+    }
+    out.update(disks)
     for launcher in ("torchrun", "deepspeed"):
         job = start(f"dead-{launcher}", launcher, forever)
         run_dir = root / f"dead-{launcher}"
@@ -120,6 +124,8 @@ def jobs(synthetic_dir, tmp_path_factory) -> dict:
     finally:
         for job in started.values():
             job.kill_all()
+        for disk in disks.values():
+            disk.close()
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
@@ -210,68 +216,67 @@ def test_nan_stop_policy_stops_without_checkpoint(jobs) -> None:
     assert [p.name for p in ckpt.iterdir() if TAG_RE.match(p.name)] == ["step_00000001"]
 
 
-def mount_tmpfs(path: Path, size: str) -> Path:
+def mount_tmpfs(path: Path, size: str) -> str:
+    """Mount a tmpfs of `size` at `path`; "" on success, else why not (then the test skips)."""
     path.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                           capture_output=True, text=True)  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()})")
-    return path
+    return "" if done.returncode == 0 else f"cannot mount a {size} tmpfs: {done.stderr.strip()}"
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    mount = mount_tmpfs(tmp_path / "tiny", "64k")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+class DiskRun:
+    """A single-process run (no launcher: its stderr is the trainer's alone) with its run dir
+    on a tmpfs of the given size."""
+
+    def __init__(self, root: Path, data: Path, size: str, overrides: list[str]):
+        self.mount, self.skip = root / f"tmpfs-{size}", mount_tmpfs(root / f"tmpfs-{size}", size)
+        self.run_dir = self.mount / "run"
+        if self.skip:
+            return
+        cmd = [sys.executable, "-m", "trainer.train", "--config", str(DEBUG_CONFIG),
+               f"run.dir={self.run_dir}", f"data.train_shards={data / 'train'}", *overrides]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=runs.test_env(), text=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+
+    def wait(self) -> tuple[int, str, list[str]]:
+        """(exit code, stderr, its error lines)."""
+        if self.skip:
+            pytest.skip(self.skip)
+        _, stderr = self.proc.communicate(timeout=600)
+        errors = [line for line in stderr.splitlines() if "error:" in line]
+        return self.proc.returncode, stderr, errors
+
+    def close(self) -> None:
+        if not self.skip:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            subprocess.run(["umount", "-l", str(self.mount)], check=False)
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """Room for one checkpoint of the tiny model (~5.2 MB) but not two."""
-    mount = mount_tmpfs(tmp_path / "small", "8m")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def single_process(run_dir: Path, data: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "trainer.train", "--config", str(DEBUG_CONFIG),
-           f"run.dir={run_dir}", f"data.train_shards={data / 'train'}", *overrides]  # fmt: skip
-    return subprocess.run(cmd, cwd=REPO, env=runs.test_env(), capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-
-
-def test_disk_full_mid_run_keeps_the_previous_checkpoint(small_tmpfs, synthetic_dir) -> None:
-    """The disk fills while the second checkpoint is written (keep_last=1 deletes the first
-    only after the second is complete): one line, exit 1, the failed tag dir removed, the
-    first checkpoint intact and still what resume=auto would take."""
-    run_dir = small_tmpfs / "run"
-    done = single_process(run_dir, Path(synthetic_dir), "checkpoint.every=2",
-                          "checkpoint.keep_last=1")  # fmt: skip
-    assert done.returncode == 1, done.stderr[-3000:]
-    assert 'File "' not in done.stderr, done.stderr[-3000:]
-    errors = [line for line in done.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and "step_00000004 could not be written" in errors[0], done.stderr
+def test_disk_full_mid_run_keeps_the_previous_checkpoint(jobs) -> None:
+    """The disk fills while the second checkpoint is written (8 MiB: room for one checkpoint
+    of the tiny model, ~5.2 MB, not two; keep_last=1 deletes the first only after the second
+    is complete): one line, exit 1, the failed tag dir removed, the first checkpoint intact
+    and still what resume=auto would take."""
+    disk: DiskRun = jobs["disk-full"]
+    code, stderr, errors = disk.wait()
+    assert code == 1, stderr[-3000:]
+    assert 'File "' not in stderr, stderr[-3000:]
+    assert len(errors) == 1 and "step_00000004 could not be written" in errors[0], stderr
     assert "MiB free" in errors[0] and "previous complete checkpoint is intact" in errors[0]
-    ckpt = run_dir / "checkpoints"
+    ckpt = disk.run_dir / "checkpoints"
     assert [p.name for p in ckpt.iterdir() if TAG_RE.match(p.name)] == ["step_00000002"]
     assert complete_tags(ckpt) == ["step_00000002"]
-    shutil.rmtree(run_dir)
 
 
-def test_out_of_space_refused_before_training(tiny_tmpfs, synthetic_dir) -> None:
+def test_out_of_space_refused_before_training(jobs) -> None:
     """A run dir on a 64 KiB filesystem: one line, exit 2 before step 1, nothing half-written
     (only the atomically written config.yaml and the empty checkpoints/ dir)."""
-    run_dir = tiny_tmpfs / "run"
-    done = single_process(run_dir, Path(synthetic_dir))
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and "MiB free" in errors[0] and "run.dir" in errors[0], done.stderr
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml"]
-    assert not any((run_dir / "checkpoints").iterdir())
-    shutil.rmtree(run_dir)
+    disk: DiskRun = jobs["no-space"]
+    code, stderr, errors = disk.wait()
+    assert code == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert len(errors) == 1 and "MiB free" in errors[0] and "run.dir" in errors[0], stderr
+    assert sorted(p.name for p in disk.run_dir.iterdir()) == ["checkpoints", "config.yaml"]
+    assert not any((disk.run_dir / "checkpoints").iterdir())
