@@ -23,7 +23,7 @@ from pathlib import Path
 from tests.e2e.faults import Job, launcher_prefix
 from tests.e2e.runs import DEBUG_CONFIG, losses
 from trainer.checkpoint import complete_tags
-from trainer.localdist import free_port
+from trainer.dist import free_port
 from trainer.metrics import read_metrics
 
 KINDS = ("kill rank 0", "kill rank 1", "kill job", "kill mid-checkpoint")

@@ -106,10 +106,11 @@ def read_dist_info(env: Mapping[str, str] = os.environ) -> DistInfo:
             master_port=int(env.get("MASTER_PORT", 20000 + job_id % 20000)),
             launcher="slurm",
         )
-    return DistInfo(0, 1, 0, 1, "127.0.0.1", _free_port(), "single")
+    return DistInfo(0, 1, 0, 1, "127.0.0.1", free_port(), "single")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for single-process runs, local tests and benches)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

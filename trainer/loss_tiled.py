@@ -185,6 +185,23 @@ class _TiledClip(torch.autograd.Function):
         return gx, gy, grad_scale, None, None
 
 
+def _prepare(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    tile_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checked inputs in the compute dtype (at least fp32) and the clamped scale s."""
+    _check_pair(image_features, text_features)
+    if tile_size < 1:
+        raise ValueError(f"tile_size must be ≥ 1, got {tile_size}")
+    dtype = _compute_dtype(image_features)
+    scale = logit_scale_value(logit_scale).to(dtype)
+    x = image_features.to(dtype).contiguous()
+    y = text_features.to(dtype).contiguous()
+    return x, y, scale
+
+
 def tiled_disco_clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -204,13 +221,7 @@ def tiled_disco_clip_loss(
     Returns:
         This rank's scalar loss, equal to `disco_clip_loss` to rounding (same contract).
     """
-    _check_pair(image_features, text_features)
-    if tile_size < 1:
-        raise ValueError(f"tile_size must be ≥ 1, got {tile_size}")
-    dtype = _compute_dtype(image_features)
-    scale = logit_scale_value(logit_scale).to(dtype)
-    x = image_features.to(dtype).contiguous()
-    y = text_features.to(dtype).contiguous()
+    x, y, scale = _prepare(image_features, text_features, logit_scale, tile_size)
     return _TiledClip.apply(x, y, scale, group, tile_size)
 
 
@@ -297,11 +308,5 @@ def ring_tiled_disco_clip_loss(
     messages (N − 1 hops forward, N backward) instead of being all-gathered, so no rank holds
     more than a few (b, d) chunks; it pays for that in latency (N sequential hops, no overlap).
     """
-    _check_pair(image_features, text_features)
-    if tile_size < 1:
-        raise ValueError(f"tile_size must be ≥ 1, got {tile_size}")
-    dtype = _compute_dtype(image_features)
-    scale = logit_scale_value(logit_scale).to(dtype)
-    x = image_features.to(dtype).contiguous()
-    y = text_features.to(dtype).contiguous()
+    x, y, scale = _prepare(image_features, text_features, logit_scale, tile_size)
     return _RingTiledClip.apply(x, y, scale, group, tile_size)

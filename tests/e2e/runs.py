@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.localdist import free_port
+from trainer.dist import free_port
 from trainer.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]

@@ -24,7 +24,7 @@ from tests.e2e import runs
 from tests.e2e.faults import Job, launcher_prefix
 from tests.e2e.runs import DEBUG_CONFIG, REPO, losses
 from trainer.checkpoint import COMPLETE, LATEST, TAG_RE, complete_tags
-from trainer.localdist import free_port
+from trainer.dist import free_port
 from trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
