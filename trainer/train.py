@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import signal
 import sys
 import time
@@ -95,11 +94,6 @@ def check_free_space(engine, ckpt_dir: Path) -> None:
             f"run.dir: {free / 2**20:.1f} MiB free at {ckpt_dir}, a checkpoint needs about "
             f"{need / 2**20:.1f} MiB; free some space or choose another run.dir"
         )
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def train(cfg: Config, info: DistInfo, run_dir: Path) -> int:
