@@ -14,7 +14,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from tests.e2e.runs import run_training
+from tests.support import run_training
 from trainer.metrics import read_metrics
 
 GOAL = 1.4

@@ -6,7 +6,7 @@
 
 Runs `--world` real gloo processes on this machine. Peak memory is the peak of live tensor
 bytes during one forward+backward of the loss (gathered features and all gradients included),
-measured by replaying the allocator's events (bench/memory.py). Each row's baseline is the
+measured by replaying the allocator's events (tests/support/memory.py). Each row's baseline is the
 first loss of `--losses` measured in the same run; when both disco and tiled are measured the
 tiled/disco ratios are printed next to their goals (issue 8).
 """
@@ -21,11 +21,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from bench.memory import peak_tensor_bytes
-from trainer.localdist import run_ranks
-from trainer.loss import disco_clip_loss, full_batch_clip_loss
-from trainer.loss_siglip import siglip_loss
-from trainer.loss_tiled import (
+from tests.support import peak_tensor_bytes, run_ranks
+from trainer.losses.disco import disco_clip_loss, full_batch_clip_loss
+from trainer.losses.siglip import siglip_loss
+from trainer.losses.tiled import (
     DEFAULT_TILE_SIZE,
     ring_tiled_disco_clip_loss,
     tiled_disco_clip_loss,

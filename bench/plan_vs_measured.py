@@ -1,4 +1,4 @@
-"""The memory planner (trainer/plan.py) against measured peak memory, tiny model, one table.
+"""The memory planner (trainer/plan/planner.py) against measured peak memory, tiny model, one table.
 
     python -m bench.plan_vs_measured            # the default configurations, ~1-2 min
     python -m bench.plan_vs_measured --quick    # three configurations
@@ -11,7 +11,7 @@ exists), then one measured step with trainer.step.train_step. Measured, on rank 
 - states: live tensor bytes before the measured step (parameters, optimizer state, fp32
   master/partitions, ZeRO buffers), found by walking every live torch tensor and counting
   each storage once;
-- step: the peak of live tensor bytes above that during the step (bench/memory.py replays
+- step: the peak of live tensor bytes above that during the step (tests/support/memory.py replays
   the CPU allocator's events): activations, loss, gradients, communication buckets.
 
 The CPU profiler counts tensor bytes only: no CUDA context, no allocator fragmentation, no
@@ -140,9 +140,9 @@ def measure_rank(rank: int, world: int, cases: list[BenchCase], ctx: int) -> lis
     """
     import os
 
-    from bench.memory import peak_tensor_bytes
+    from tests.support import peak_tensor_bytes
     from trainer import cpu_quirks
-    from trainer.objectives import LossConfig
+    from trainer.losses.registry import LossConfig
     from trainer.step import make_objective, train_step
 
     # run_ranks starts the processes itself: give DeepSpeed the variables a launcher would.
@@ -182,7 +182,7 @@ def measure_rank(rank: int, world: int, cases: list[BenchCase], ctx: int) -> lis
 
 def predict(case: BenchCase, world: int, ctx: int, vocab: int) -> tuple[int, int]:
     """(states, step) bytes the planner predicts for `case`, split like the measurement."""
-    from trainer.plan import PlanSpec, plan
+    from trainer.plan.planner import PlanSpec, plan
 
     spec = PlanSpec(
         model="tiny",
@@ -223,7 +223,7 @@ def main() -> None:
 
     from data.config import DataConfig
     from data.tokenizer import load_tokenizer
-    from trainer.localdist import run_ranks
+    from tests.support import run_ranks
 
     cases = list(QUICK_CASES if args.quick else DEFAULT_CASES)
     vocab = len(load_tokenizer(DataConfig().tokenizer))

@@ -20,8 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.e2e.faults import Job, launcher_prefix
-from tests.e2e.runs import DEBUG_CONFIG, losses
+from tests.support import DEBUG_CONFIG, Job, launcher_prefix, losses
 from trainer.checkpoint import complete_tags
 from trainer.dist import free_port
 from trainer.metrics import read_metrics

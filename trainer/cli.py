@@ -15,10 +15,10 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     "make-synthetic": "data.synthetic",
     "train": "trainer.train",
-    "eval": "trainer.eval_cli",
-    "export": "trainer.export",
-    "plot": "trainer.plot",
-    "plan": "trainer.plan",
+    "eval": "trainer.eval.command",
+    "export": "trainer.interop.hf_export",
+    "plot": "trainer.eval.plot",
+    "plan": "trainer.plan.planner",
 }
 
 

@@ -21,10 +21,10 @@ from trainer.config_io import (
 )
 from trainer.dist import DistConfig
 from trainer.engine import PRECISIONS, DeepSpeedConfig, OptimConfig, ScheduleConfig
-from trainer.evaluate import EvalConfig
+from trainer.eval.evaluate import EvalConfig
+from trainer.losses.registry import LossConfig
 from trainer.metrics import LogConfig
 from trainer.model import ModelConfig
-from trainer.objectives import LossConfig
 
 
 @dataclass

@@ -44,7 +44,7 @@ def train(nproc: int) -> None:
 def pipeline_top1() -> tuple[float, int]:
     """Top-1 of the exported model in the HF pipeline over every val image."""
     from data.eval_sets import imagefolder_samples, load_classnames
-    from trainer.hf_check import run_isolated
+    from trainer.interop.pipeline_check import run_isolated
 
     names = load_classnames(DATA / "classnames.txt")
     samples = imagefolder_samples(DATA / "val", names)
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     make_data()
     train(args.nproc)
 
-    from trainer.export import export, logged_eval, resolve_checkpoint
-    from trainer.plot import plot_run
+    from trainer.eval.plot import plot_run
+    from trainer.interop.hf_export import export, logged_eval, resolve_checkpoint
 
     _say(f"export: {RUN} -> {EXPORT}")
     export(RUN, EXPORT, force=True)

@@ -6,7 +6,7 @@ B×B logit matrix that `CLIPModel.forward` makes. Two training-only differences:
 - `logit_scale` is a shape-[1] parameter, because DeepSpeed 0.19.8 crashes on 0-dim
   parameters at every ZeRO stage. State-dict hooks squeeze it to HF's 0-dim shape on save and
   unsqueeze on load, so checkpoints and exports stay HF-compatible.
-- with the SigLIP loss it also owns a shape-[1] `logit_bias` (see trainer/export.py for how it
+- with the SigLIP loss it also owns a shape-[1] `logit_bias` (see trainer/interop/hf_export.py for how it
   leaves the model).
 """
 

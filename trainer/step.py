@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from trainer.objectives import LOSSES, LossConfig, needs_bias
+from trainer.losses.registry import LOSSES, LossConfig, needs_bias
 
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 

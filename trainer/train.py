@@ -156,7 +156,7 @@ def train(cfg: Config, info: DistInfo, run_dir: Path) -> int:
         })  # fmt: skip
 
         if due(step, cfg.eval.every) or (step == cfg.train.steps and cfg.eval.every > 0):
-            from trainer.evaluate import run_periodic_eval
+            from trainer.eval.evaluate import run_periodic_eval
 
             metrics.log("eval", step, run_periodic_eval(engine.module, cfg.eval, parts, info))
         preempted = stop.agreed()

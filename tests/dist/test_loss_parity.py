@@ -15,9 +15,9 @@ import math
 import pytest
 import torch
 
-import trainer.loss as loss_mod
+import trainer.losses.disco as loss_mod
 from tests.dist._parity import assert_within, averaging_gather, errors_vs_reference
-from trainer.localdist import run_ranks
+from tests.support.localdist import run_ranks
 
 B_LOCAL = 5
 LOSSES = {"disco": loss_mod.disco_clip_loss, "naive": loss_mod.full_batch_clip_loss}
@@ -33,7 +33,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 
 def reference_loss(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's full-batch symmetric cross-entropy, written out independently of trainer.loss."""
+    """CLIP's full-batch symmetric cross-entropy, written out independently of trainer.losses.disco."""
     scale = logit_scale.reshape(()).clamp(max=math.log(100)).exp()
     logits = scale * x @ y.T
     log_p = logits - logits.logsumexp(dim=1, keepdim=True)

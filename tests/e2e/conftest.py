@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import runs
+from tests.support import runs
 
 EVAL_STAGES = (2, 3)
 
@@ -48,7 +48,7 @@ def eval_runs(synthetic_dir, tmp_path_factory) -> dict[int, Path]:
 @pytest.fixture(scope="session")
 def exported(eval_runs, tmp_path_factory) -> dict[int, Path]:
     """{ZeRO stage: HF directory exported from that run's last checkpoint}."""
-    from trainer.export import export
+    from trainer.interop.hf_export import export
 
     root = tmp_path_factory.mktemp("exports")
     return {zero: export(run, root / f"zero{zero}") for zero, run in eval_runs.items()}

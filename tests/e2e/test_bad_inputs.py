@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.runs import DEBUG_CONFIG, REPO
-from tests.e2e.runs import test_env as run_env
+from tests.support.runs import DEBUG_CONFIG, REPO
+from tests.support.runs import test_env as run_env
 
 pytestmark = pytest.mark.slow
 

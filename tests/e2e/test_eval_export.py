@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tests.e2e.conftest import EVAL_STAGES
-from trainer.evaluate import EvalConfig, encode_images, encode_texts, evaluate
+from trainer.eval.evaluate import EvalConfig, encode_images, encode_texts, evaluate
 from trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ def _trained_model(run_dir):
     fp32 weights (loaded through its own [1]-shape hooks)."""
     from data.tokenizer import load_tokenizer
     from trainer.build import token_ids
-    from trainer.export import fp32_state_dict, load_run_config, resolve_checkpoint
+    from trainer.interop.hf_export import fp32_state_dict, load_run_config, resolve_checkpoint
     from trainer.model import TrainableCLIP, build_clip_config
 
     cfg = load_run_config(run_dir)
@@ -51,7 +51,7 @@ def test_periodic_eval_is_logged_and_matches_single_process_eval(eval_runs, expo
     last = records[-1]
     assert last["zeroshot_images"] == 60 and last["retrieval_pairs"] == 60
     model, tok = _hf_model(exported[zero])
-    from trainer.export import load_run_config
+    from trainer.interop.hf_export import load_run_config
 
     cfg = load_run_config(eval_runs[zero]).eval  # the same eval sets as the run
     cfg.batch_size = 64  # one process, other batches
@@ -62,7 +62,7 @@ def test_periodic_eval_is_logged_and_matches_single_process_eval(eval_runs, expo
 
 def test_zero2_merge_equals_module_weights(eval_runs):
     """fp32 ZeRO-2: the merged optimizer partitions equal the saved module weights."""
-    from trainer.export import fp32_state_dict, resolve_checkpoint
+    from trainer.interop.hf_export import fp32_state_dict, resolve_checkpoint
 
     ref = resolve_checkpoint(eval_runs[2])
     module = torch.load(ref.ckpt_dir / ref.tag / "mp_rank_00_model_states.pt", weights_only=False)
@@ -80,7 +80,7 @@ def test_export_loads_without_project_and_matches_trained_model(
     from data.eval_sets import imagefolder_samples, load_classnames
     from data.tokenizer import tokenize
     from data.transforms import eval_transform
-    from trainer.hf_check import run_isolated
+    from trainer.interop.pipeline_check import run_isolated
 
     names = load_classnames(synthetic_dir / "classnames.txt")
     samples = imagefolder_samples(synthetic_dir / "val", names)
@@ -169,7 +169,7 @@ def test_siglip_bias_goes_to_config(eval_runs, tmp_path, monkeypatch):
     """CLIPModel has no logit_bias: it must leave as a config.json attribute, not be dropped."""
     from transformers import CLIPModel
 
-    import trainer.export as export_mod
+    import trainer.interop.hf_export as export_mod
 
     real = export_mod.fp32_state_dict
     monkeypatch.setattr(

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e import runs
-from tests.e2e.faults import Job, launcher_prefix
-from tests.e2e.runs import DEBUG_CONFIG, REPO, losses
+from tests.support import runs
+from tests.support.faults import Job, launcher_prefix
+from tests.support.runs import DEBUG_CONFIG, REPO, losses
 from trainer.checkpoint import COMPLETE, LATEST, TAG_RE, complete_tags
 from trainer.dist import free_port
 from trainer.metrics import read_metrics

@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 
-from tests.e2e.runs import run_training
+from tests.support.runs import run_training
 from trainer.checkpoint import complete_tags
 
 

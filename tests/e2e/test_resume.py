@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.runs import losses, run_training, run_until_signal
+from tests.support.runs import losses, run_training, run_until_signal
 from trainer.checkpoint import complete_tags
 
 STEPS = 12

@@ -1,7 +1,7 @@
 """Zero-shot and retrieval math against direct computations; template files; EvalConfig errors.
 
-A failure here localises to the metric math (trainer/zeroshot.py, trainer/retrieval.py) or to
-the single-process evaluation path (trainer/evaluate.py) — no training or DeepSpeed involved.
+A failure here localises to the metric math (trainer/eval/zeroshot.py, trainer/eval/retrieval.py) or to
+the single-process evaluation path (trainer/eval/evaluate.py) — no training or DeepSpeed involved.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from trainer.evaluate import EvalConfig, encode_images, encode_texts, evaluate
-from trainer.retrieval import recall_at_k
-from trainer.zeroshot import class_embeddings, load_templates, topk_accuracy
+from trainer.eval.evaluate import EvalConfig, encode_images, encode_texts, evaluate
+from trainer.eval.retrieval import recall_at_k
+from trainer.eval.zeroshot import class_embeddings, load_templates, topk_accuracy
 
 
 def test_class_embedding_is_normalised_mean_of_normalised_prompts():
@@ -128,7 +128,7 @@ def test_eval_config_errors_name_the_field(kwargs, field):
 def test_plot_writes_pngs(tmp_path):
     import json
 
-    from trainer.plot import plot_run
+    from trainer.eval.plot import plot_run
 
     lines = [{"kind": "train", "step": s, "loss": 3.0 / s} for s in range(1, 11)]
     lines += [{"kind": "eval", "step": s, "zeroshot_top1": s / 10} for s in (5, 10)]
@@ -139,7 +139,7 @@ def test_plot_writes_pngs(tmp_path):
 
 
 def test_max_samples_spreads_over_classes(synthetic_dir):
-    from trainer.evaluate import zeroshot_samples
+    from trainer.eval.evaluate import zeroshot_samples
 
     cfg = EvalConfig(zeroshot_dir=str(synthetic_dir / "val"), max_samples=30)
     names, samples = zeroshot_samples(cfg)

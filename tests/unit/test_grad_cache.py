@@ -11,8 +11,8 @@ import copy
 
 import torch
 
+from trainer.losses.registry import LossConfig
 from trainer.model import ModelConfig, TokenIds, build_clip_config, build_model
-from trainer.objectives import LossConfig
 from trainer.step import make_objective, train_step
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.loss_siglip import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, siglip_loss
-from trainer.objectives import LOSSES, LossConfig, needs_bias
+from trainer.losses.registry import LOSSES, LossConfig, needs_bias
+from trainer.losses.siglip import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, siglip_loss
 
 
 def test_matches_the_pairwise_definition() -> None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.dist.test_loss_parity import reference_loss
-from trainer.loss import disco_clip_loss, full_batch_clip_loss, logit_scale_value
+from trainer.losses.disco import disco_clip_loss, full_batch_clip_loss, logit_scale_value
 
 
 @pytest.mark.parametrize("loss_fn", [disco_clip_loss, full_batch_clip_loss])

@@ -1,4 +1,4 @@
-"""The memory planner (trainer/plan.py): the paper's claims, consistency, CLI errors.
+"""The memory planner (trainer/plan/planner.py): the paper's claims, consistency, CLI errors.
 
 The paper's settings (DisCo-CLIP, CVPR 2023) are reproduced with mixed precision and
 activation checkpointing: without checkpointing the planner says ViT-B/32's activations at
@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from trainer import cli
-from trainer.plan import (
+from trainer.plan.activations import activation_bytes, input_bytes
+from trainer.plan.planner import (
     PlanSpec,
     fits,
     largest_batch,
@@ -23,7 +24,6 @@ from trainer.plan import (
     plan,
     state_bytes,
 )
-from trainer.plan_activations import activation_bytes, input_bytes
 
 PAPER = PlanSpec(model="vit_b32", gpus=8, gpu_memory=parse_memory("40GB"), batch=32768,
                  precision="bf16", checkpointing=True)  # fmt: skip

@@ -2,8 +2,8 @@
 
 `run_periodic_eval` is what the training loop calls every `eval.every` steps on every rank;
 `evaluate` is the same computation for a model loaded outside training (`disco-clip eval`,
-see trainer/eval_cli.py). Each rank encodes every world_size-th sample, features are gathered,
-and the metrics (trainer/zeroshot.py, trainer/retrieval.py) are computed on all ranks alike.
+see trainer/eval/command.py). Each rank encodes every world_size-th sample, features are gathered,
+and the metrics (trainer/eval/zeroshot.py, trainer/eval/retrieval.py) are computed on all ranks alike.
 
 Under ZeRO-3 every forward is a collective (parameters are gathered per module), so every rank
 must run the same number of forwards: a rank that ran out of samples encodes a dummy batch
@@ -23,8 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from trainer.retrieval import recall_at_k
-from trainer.zeroshot import BUILTIN_TEMPLATE_SETS, class_embeddings, prompts, zeroshot_metrics
+from trainer.eval.retrieval import recall_at_k
+from trainer.eval.zeroshot import BUILTIN_TEMPLATE_SETS, class_embeddings, prompts, zeroshot_metrics
 
 T = TypeVar("T")
 
@@ -197,7 +197,7 @@ def zeroshot_samples(cfg: EvalConfig) -> tuple[list[str], Iterable[tuple[Any, in
 
 def zeroshot_eval(model, tokenizer, cfg: EvalConfig, *, rank: int, world_size: int) -> dict:
     from data.transforms import eval_transform
-    from trainer.zeroshot import load_templates
+    from trainer.eval.zeroshot import load_templates
 
     names, samples = zeroshot_samples(cfg)
     templates = load_templates(cfg.templates)

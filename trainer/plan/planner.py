@@ -36,7 +36,7 @@ import re
 import sys
 from dataclasses import dataclass, replace
 
-from trainer.plan_activations import TowerShape, activation_bytes, input_bytes
+from trainer.plan.activations import TowerShape, activation_bytes, input_bytes
 
 LOSS_NAMES = ("disco", "naive", "tiled")
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

@@ -1,6 +1,6 @@
 """Which contrastive loss the trainer uses: a name → function table and its config.
 
-Every entry honours the scaling contract of trainer/loss.py and takes
+Every entry honours the scaling contract of trainer/losses/disco.py and takes
 `(image_features, text_features, logit_scale, ..., group=None)`. Some take extra
 arguments: "siglip" needs a `logit_bias` after `logit_scale` (see `needs_bias`), and "tiled"
 and "ring" accept `tile_size` (see `LossConfig.loss_kwargs`).
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.loss import disco_clip_loss, full_batch_clip_loss
-from trainer.loss_siglip import siglip_loss
-from trainer.loss_tiled import (
+from trainer.losses.disco import disco_clip_loss, full_batch_clip_loss
+from trainer.losses.siglip import siglip_loss
+from trainer.losses.tiled import (
     DEFAULT_TILE_SIZE,
     ring_tiled_disco_clip_loss,
     tiled_disco_clip_loss,

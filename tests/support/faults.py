@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.e2e.runs import REPO, test_env
+from tests.support.runs import REPO, test_env
 from trainer.metrics import read_metrics
 
 BIN = Path(REPO) / ".venv" / "bin"

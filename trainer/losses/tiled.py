@@ -1,6 +1,6 @@
 """The DisCo CLIP loss over column tiles: exact, without ever building the b×B logit block.
 
-Same value, gradients and scaling contract as `trainer.loss.disco_clip_loss` (see that module's
+Same value, gradients and scaling contract as `trainer.losses.disco.disco_clip_loss` (see that module's
 docstring): each rank returns the mean over its b rows of the symmetric cross-entropy, and
 after the data-parallel ÷N every parameter gradient is the full-batch gradient.
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from trainer.loss import (
+from trainer.losses.disco import (
     _all_gather_single,
     _check_pair,
     _compute_dtype,

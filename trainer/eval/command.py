@@ -1,8 +1,8 @@
 """`disco-clip eval --model HF_DIR_OR_CHECKPOINT --zeroshot DIR [--retrieval SHARDS]`.
 
-One process; the same code as the periodic eval in training (trainer/evaluate.py). --model is
+One process; the same code as the periodic eval in training (trainer/eval/evaluate.py). --model is
 an exported / HF CLIP directory or anything `disco-clip export --checkpoint` accepts (see the
-trust note in trainer/export.py).
+trust note in trainer/interop/hf_export.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from trainer.config_io import ConfigError, validate_tree
-from trainer.evaluate import EvalConfig, evaluate
-from trainer.export import ExportError
+from trainer.eval.evaluate import EvalConfig, evaluate
+from trainer.interop.hf_export import ExportError
 
 EXIT_USAGE = 2
 
@@ -28,7 +28,7 @@ def load_model(path: str | Path):
         from data.tokenizer import load_tokenizer
 
         return CLIPModel.from_pretrained(path, local_files_only=True).eval(), load_tokenizer(path)
-    from trainer.export import build_hf_model, resolve_checkpoint
+    from trainer.interop.hf_export import build_hf_model, resolve_checkpoint
 
     model, tokenizer, _ = build_hf_model(resolve_checkpoint(path))
     return model, tokenizer

@@ -6,7 +6,7 @@ Full-batch definition over all B = N·b pairs, with z_ij = +1 if i == j else −
 Every pair term is independent (no softmax normaliser), so the rows split exactly: rank n
 scores its own b images against all B gathered texts and returns
     L_n = −1/b · Σ_{i∈S_n} Σ_j log σ(z_ij · (s·x_i·y_j + bias)),
-whose mean over ranks is L. This is the scaling contract of trainer/loss.py: the text gather's
+whose mean over ranks is L. This is the scaling contract of trainer/losses/disco.py: the text gather's
 backward sums over ranks (each text's gradient comes from every rank's rows), so after the
 data-parallel ÷N every parameter gradient — logit_scale and logit_bias included — equals the
 full-batch gradient. Memory per rank is O(b·B) for the logits, as for DisCo.
@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.loss import _check_pair, _compute_dtype, _world, gather_rows, logit_scale_value
+from trainer.losses.disco import _check_pair, _compute_dtype, _world, gather_rows, logit_scale_value
 
 SIGLIP_INIT_LOGIT_SCALE = 2.302585092994046  # ln 10, the paper's initial temperature
 SIGLIP_INIT_LOGIT_BIAS = -10.0
