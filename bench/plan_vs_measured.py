@@ -142,8 +142,9 @@ def measure_rank(rank: int, world: int, cases: list[BenchCase], ctx: int) -> lis
 
     from tests.support import peak_tensor_bytes
     from trainer import cpu_quirks
+    from trainer.losses import make_objective
     from trainer.losses.registry import LossConfig
-    from trainer.step import make_objective, train_step
+    from trainer.step import train_step
 
     # run_ranks starts the processes itself: give DeepSpeed the variables a launcher would.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))

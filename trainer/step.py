@@ -1,6 +1,6 @@
 """One optimizer step of contrastive training, plain or with gradient caching.
 
-Gradient caching (Gao et al., 2021; ../shared/DISCO.md): gradient accumulation does not enlarge
+Gradient caching (Gao et al., 2021; docs/grad_cache.md): gradient accumulation does not enlarge
 the contrastive batch, because negatives come only from the same step. To fit a per-rank batch
 b whose activations do not fit at once, encode it in K chunks without graphs, compute the loss
 and dL/d(features) on all b, then re-encode each chunk with a graph and back-propagate its
@@ -10,23 +10,12 @@ step's (dropout masks are replayed by restoring the RNG state before each re-enc
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from trainer.losses.registry import LOSSES, LossConfig, needs_bias
-
-Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-
-
-def make_objective(cfg: LossConfig) -> Objective:
-    """(image, text, logit_scale, logit_bias) -> loss, whichever loss is configured."""
-    loss_fn, kwargs = LOSSES[cfg.name], cfg.loss_kwargs()
-    if needs_bias(cfg.name):
-        return lambda image, text, scale, bias: loss_fn(image, text, scale, bias, **kwargs)
-    return lambda image, text, scale, bias: loss_fn(image, text, scale, **kwargs)
+from trainer.losses import Objective
 
 
 @dataclass

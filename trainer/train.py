@@ -99,8 +99,9 @@ def check_free_space(engine, ckpt_dir: Path) -> None:
 def train(cfg: Config, info: DistInfo, run_dir: Path) -> int:
     from trainer import checkpoint
     from trainer.build import build_components
+    from trainer.losses import make_objective
     from trainer.metrics import MetricsLogger
-    from trainer.step import make_objective, train_step
+    from trainer.step import train_step
 
     ckpt_dir = run_dir / "checkpoints"
     # Bad input that only shows while setting up (a tokenizer that does not parse, a loader

@@ -21,7 +21,8 @@ import trainer.losses.siglip as siglip_mod
 from tests.dist._parity import assert_within, averaging_gather, errors_vs_reference
 from tests.dist.test_loss_parity import CASES, TOL, clip_errors
 from tests.support.localdist import run_ranks
-from trainer.losses.tiled import ring_tiled_disco_clip_loss, tiled_disco_clip_loss
+from trainer.losses.ring import ring_tiled_disco_clip_loss
+from trainer.losses.tiled import tiled_disco_clip_loss
 
 B_LOCAL = 5
 # B = 5·N: 1 and 3 never divide it evenly into one tile, 7 rarely divides it, 64 exceeds it.

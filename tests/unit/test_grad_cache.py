@@ -11,9 +11,10 @@ import copy
 
 import torch
 
+from trainer.losses import make_objective
 from trainer.losses.registry import LossConfig
 from trainer.model import ModelConfig, TokenIds, build_clip_config, build_model
-from trainer.step import make_objective, train_step
+from trainer.step import train_step
 
 
 class RecordingEngine:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from tests.dist.test_loss_parity import reference_loss
 from tests.support.memory import peak_tensor_bytes
 from trainer.losses.disco import disco_clip_loss
-from trainer.losses.tiled import ring_tiled_disco_clip_loss, tiled_disco_clip_loss
+from trainer.losses.ring import ring_tiled_disco_clip_loss
+from trainer.losses.tiled import tiled_disco_clip_loss
 
 
 def _features(n: int, d: int, dtype: torch.dtype, seed: int = 0):

@@ -1,6 +1,6 @@
 """Contrastive CLIP losses over a process group: pure math, imports only torch.
 
-Scaling contract (every loss in this module honours it; see ../shared/DISCO.md):
+Scaling contract (every loss in this module honours it; docs/disco.md):
     Each rank returns its own scalar L_n with mean_n(L_n) == L, the full-batch loss over all
     B = N·b pairs. After the data-parallel reduction that DDP / DeepSpeed apply to parameter
     gradients (sum over ranks, ÷N), every parameter gradient, `logit_scale` included, equals

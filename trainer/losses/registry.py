@@ -1,4 +1,5 @@
-"""Which contrastive loss the trainer uses: a name → function table and its config.
+"""Which contrastive loss the trainer uses: a name → function table, its config, and the
+`Objective` (image, text, logit_scale, logit_bias) -> loss that the step calls.
 
 Every entry honours the scaling contract of trainer/losses/disco.py and takes
 `(image_features, text_features, logit_scale, ..., group=None)`. Some take extra
@@ -14,12 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from trainer.losses.disco import disco_clip_loss, full_batch_clip_loss
+from trainer.losses.ring import ring_tiled_disco_clip_loss
 from trainer.losses.siglip import siglip_loss
-from trainer.losses.tiled import (
-    DEFAULT_TILE_SIZE,
-    ring_tiled_disco_clip_loss,
-    tiled_disco_clip_loss,
-)
+from trainer.losses.tiled import DEFAULT_TILE_SIZE, tiled_disco_clip_loss
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "disco": disco_clip_loss,
@@ -58,3 +56,14 @@ class LossConfig:
     def loss_kwargs(self) -> dict[str, int]:
         """Keyword arguments beyond the common ones that LOSSES[self.name] expects."""
         return {"tile_size": self.tile_size} if self.name in _TILED_LOSSES else {}
+
+
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def make_objective(cfg: LossConfig) -> Objective:
+    """(image, text, logit_scale, logit_bias) -> loss, whichever loss is configured."""
+    loss_fn, kwargs = LOSSES[cfg.name], cfg.loss_kwargs()
+    if needs_bias(cfg.name):
+        return lambda image, text, scale, bias: loss_fn(image, text, scale, bias, **kwargs)
+    return lambda image, text, scale, bias: loss_fn(image, text, scale, **kwargs)
