@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     train(args.nproc)
 
     from trainer.eval.plot import plot_run
-    from trainer.interop.hf_export import export, logged_eval, resolve_checkpoint
+    from trainer.interop.hf_export import export
+    from trainer.interop.run_checkpoint import logged_eval, resolve_checkpoint
 
     _say(f"export: {RUN} -> {EXPORT}")
     export(RUN, EXPORT, force=True)

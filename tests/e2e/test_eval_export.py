@@ -26,7 +26,7 @@ def _trained_model(run_dir):
     fp32 weights (loaded through its own [1]-shape hooks)."""
     from data.tokenizer import load_tokenizer
     from trainer.build import token_ids
-    from trainer.interop.hf_export import fp32_state_dict, load_run_config, resolve_checkpoint
+    from trainer.interop.run_checkpoint import fp32_state_dict, load_run_config, resolve_checkpoint
     from trainer.model import TrainableCLIP, build_clip_config
 
     cfg = load_run_config(run_dir)
@@ -51,7 +51,7 @@ def test_periodic_eval_is_logged_and_matches_single_process_eval(eval_runs, expo
     last = records[-1]
     assert last["zeroshot_images"] == 60 and last["retrieval_pairs"] == 60
     model, tok = _hf_model(exported[zero])
-    from trainer.interop.hf_export import load_run_config
+    from trainer.interop.run_checkpoint import load_run_config
 
     cfg = load_run_config(eval_runs[zero]).eval  # the same eval sets as the run
     cfg.batch_size = 64  # one process, other batches
@@ -62,7 +62,7 @@ def test_periodic_eval_is_logged_and_matches_single_process_eval(eval_runs, expo
 
 def test_zero2_merge_equals_module_weights(eval_runs):
     """fp32 ZeRO-2: the merged optimizer partitions equal the saved module weights."""
-    from trainer.interop.hf_export import fp32_state_dict, resolve_checkpoint
+    from trainer.interop.run_checkpoint import fp32_state_dict, resolve_checkpoint
 
     ref = resolve_checkpoint(eval_runs[2])
     module = torch.load(ref.ckpt_dir / ref.tag / "mp_rank_00_model_states.pt", weights_only=False)
@@ -170,10 +170,11 @@ def test_siglip_bias_goes_to_config(eval_runs, tmp_path, monkeypatch):
     from transformers import CLIPModel
 
     import trainer.interop.hf_export as export_mod
+    import trainer.interop.run_checkpoint as reader_mod
 
-    real = export_mod.fp32_state_dict
+    real = reader_mod.fp32_state_dict
     monkeypatch.setattr(
-        export_mod, "fp32_state_dict", lambda ref: {**real(ref), "logit_bias": torch.tensor([-7.5])}
+        reader_mod, "fp32_state_dict", lambda ref: {**real(ref), "logit_bias": torch.tensor([-7.5])}
     )
     out = export_mod.export(eval_runs[2], tmp_path / "siglip")
     config = CLIPModel.from_pretrained(out).config

@@ -83,8 +83,8 @@ def _python_files():
 
 def test_every_torch_load_is_weights_only():
     """Static: each torch.load in the package passes weights_only=True, except DeepSpeed's own
-    model-states file in trainer/interop/hf_export.py (the documented trust boundary: RELIABILITY.md)."""
-    allowed = {("trainer/interop/hf_export.py", "mp_rank_00_model_states.pt")}
+    model-states file in trainer/interop/run_checkpoint.py (the documented trust boundary: docs/trust.md)."""
+    allowed = {("trainer/interop/run_checkpoint.py", "mp_rank_00_model_states.pt")}
     offenders = []
     for path in _python_files():
         text = path.read_text()

@@ -2,7 +2,7 @@
 
 One process; the same code as the periodic eval in training (trainer/eval/evaluate.py). --model is
 an exported / HF CLIP directory or anything `disco-clip export --checkpoint` accepts (see the
-trust note in trainer/interop/hf_export.py).
+trust note in trainer/interop/run_checkpoint.py and docs/trust.md).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from trainer.config_io import ConfigError, validate_tree
 from trainer.eval.evaluate import EvalConfig, evaluate
-from trainer.interop.hf_export import ExportError
+from trainer.interop.run_checkpoint import InteropError
 
 EXIT_USAGE = 2
 
@@ -28,7 +28,7 @@ def load_model(path: str | Path):
         from data.tokenizer import load_tokenizer
 
         return CLIPModel.from_pretrained(path, local_files_only=True).eval(), load_tokenizer(path)
-    from trainer.interop.hf_export import build_hf_model, resolve_checkpoint
+    from trainer.interop.run_checkpoint import build_hf_model, resolve_checkpoint
 
     model, tokenizer, _ = build_hf_model(resolve_checkpoint(path))
     return model, tokenizer
@@ -59,10 +59,10 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError("give --zeroshot DIR and/or --retrieval SHARDS")
         validate_tree(EvalConfig(**{**vars(cfg), "every": 1}))  # every=1: classnames checked
         if not Path(args.model).exists():
-            raise ExportError(f"--model: {args.model} does not exist")
+            raise InteropError(f"--model: {args.model} does not exist")
         model, tokenizer = load_model(args.model)
         metrics = evaluate(model, tokenizer, cfg)
-    except (ConfigError, ExportError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, InteropError, ValueError, FileNotFoundError) as err:
         print(f"disco-clip eval: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return EXIT_USAGE
     for key, value in metrics.items():

@@ -11,115 +11,29 @@ SigLIP runs: CLIPModel has no `logit_bias`, so its value goes into config.json a
 attribute `logit_bias` (plus `disco_clip_loss: "siglip"`), and the card says how to use it.
 Rankings (zero-shot argmax, retrieval) do not depend on it.
 
-Trust boundary: DeepSpeed's checkpoint files are pickles holding more than tensors, and
-DeepSpeed's own merger (zero_to_fp32) unpickles them with weights_only=False. Export and
-eval therefore execute whatever a checkpoint file contains: point them only at checkpoints
-your own training runs wrote. Exported directories hold safetensors only (no pickle).
+Reading the checkpoint (and its trust boundary) is trainer/interop/run_checkpoint.py's job;
+exported directories hold safetensors only (no pickle).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from trainer.checkpoint import COMPLETE, complete_tags
+from trainer.interop.run_checkpoint import (
+    CheckpointRef,
+    InteropError,
+    build_hf_model,
+    logged_eval,
+    resolve_checkpoint,
+)
 
 EXIT_USAGE = 2
-
-
-class ExportError(ValueError):
-    """A bad --checkpoint / --out: the message is one line saying what to do."""
-
-
-@dataclass(frozen=True)
-class CheckpointRef:
-    run_dir: Path  # holds config.yaml and metrics.jsonl
-    ckpt_dir: Path  # RUN/checkpoints
-    tag: str  # step_XXXXXXXX
-
-    @property
-    def step(self) -> int:
-        return int(self.tag.split("_")[1])
-
-
-def resolve_checkpoint(path: str | Path) -> CheckpointRef:
-    """A run dir, its checkpoints/ dir (newest complete tag) or one complete tag dir."""
-    path = Path(path)
-    if (path / COMPLETE).is_file():
-        return CheckpointRef(path.parent.parent, path.parent, path.name)
-    ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    tags = complete_tags(ckpt_dir)
-    if not tags:
-        raise ExportError(
-            f"--checkpoint: {path} holds no complete checkpoint; pass a run dir, its "
-            "checkpoints/ dir or a checkpoints/step_XXXXXXXX dir with a COMPLETE marker"
-        )
-    ref = CheckpointRef(ckpt_dir.parent, ckpt_dir, tags[-1])
-    if not (ref.run_dir / "config.yaml").is_file():
-        raise ExportError(f"--checkpoint: {ref.run_dir} has no config.yaml; is this a run dir?")
-    return ref
-
-
-def load_run_config(run_dir: Path):
-    """The run's resolved config, without validation (data paths may be gone by now)."""
-    from trainer.config import Config
-    from trainer.config_io import build_dataclass, read_yaml
-
-    return build_dataclass(Config, read_yaml(run_dir / "config.yaml"))
-
-
-def fp32_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
-    """fp32 weights of any ZeRO stage (see the module doc for the trust boundary)."""
-    tag_dir = ref.ckpt_dir / ref.tag
-    if any(tag_dir.glob("*optim_states.pt")):  # ZeRO 1/2/3: partitioned fp32 master weights
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        # DeepSpeed reports progress on stdout; keep stdout for our own results (eval prints
-        # metrics there).
-        with contextlib.redirect_stdout(sys.stderr):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ref.ckpt_dir), tag=ref.tag)
-    else:  # stage 0: the whole module is in the model-states file
-        blob = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
-        state = blob["module"]
-    return {k: v.detach().float().clone() for k, v in state.items()}
-
-
-def build_hf_model(ref: CheckpointRef):
-    """(plain CLIPModel with the checkpoint's fp32 weights, tokenizer, run config)."""
-    from transformers import CLIPModel
-
-    from data.tokenizer import load_tokenizer
-    from trainer.build import token_ids
-    from trainer.model import build_clip_config
-
-    cfg = load_run_config(ref.run_dir)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    config = build_clip_config(cfg.model, token_ids(tokenizer), cfg.data.context_length)
-    state = fp32_state_dict(ref)
-    state["logit_scale"] = state["logit_scale"].reshape(())  # [1] in training, 0-dim in HF
-    bias = state.pop("logit_bias", None)
-    if bias is not None:
-        config.logit_bias = float(bias.reshape(()))
-        config.disco_clip_loss = cfg.loss.name
-    model = CLIPModel(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Non-persistent buffers (position ids) are rebuilt by the constructor; nothing else may
-    # be missing.
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise ExportError(f"checkpoint does not match the run's model: missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}")  # fmt: skip
-    tokenizer.model_max_length = cfg.data.context_length
-    return model.eval(), tokenizer, cfg
 
 
 def image_processor(size: int):
@@ -134,14 +48,6 @@ def image_processor(size: int):
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True,
     )  # fmt: skip
-
-
-def logged_eval(run_dir: Path, step: int) -> dict | None:
-    """The eval record logged at `step` (or the last one before it), if any."""
-    from trainer.metrics import read_metrics
-
-    records = [r for r in read_metrics(run_dir, "eval") if r["step"] <= step]
-    return records[-1] if records else None
 
 
 def model_card(ref: CheckpointRef, cfg, evals: dict | None, bias: float | None) -> str:
@@ -177,9 +83,9 @@ def model_card(ref: CheckpointRef, cfg, evals: dict | None, bias: float | None) 
 
 def check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise ExportError(f"--out: {out} is a file; choose a directory path")
+        raise InteropError(f"--out: {out} is a file; choose a directory path")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"--out: {out} is not empty; pass --force to replace it")
+        raise InteropError(f"--out: {out} is not empty; pass --force to replace it")
 
 
 def export(checkpoint: str | Path, out: str | Path, *, force: bool = False) -> Path:
@@ -226,7 +132,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     try:
         out = export(args.checkpoint, args.out, force=args.force)
-    except (ExportError, FileNotFoundError) as err:
+    except (InteropError, FileNotFoundError) as err:
         print(f"disco-clip export: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     print(f"exported {out}")
