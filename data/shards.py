@@ -7,14 +7,16 @@ decodes only the ones it yields, so resuming can replay a position without decod
 
 from __future__ import annotations
 
+import contextlib
 import io
-import subprocess
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import braceexpand
+from webdataset.gopen import gopen
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -47,13 +49,18 @@ def expand_shards(spec: str, *, allow_pipe: bool = False) -> list[str]:
     return [url for url in braceexpand.braceexpand(spec) if Path(url).is_file()]
 
 
-def _open(url: str, allow_pipe: bool) -> tuple[io.RawIOBase, subprocess.Popen | None]:
-    if url.startswith("pipe:"):
-        if not allow_pipe:
-            raise ValueError(f"train_shards: refusing shell URL '{url}' (set data.allow_pipe=true)")
-        proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE)
-        return proc.stdout, proc
-    return open(url, "rb"), None
+def _open(url: str, allow_pipe: bool) -> BinaryIO:
+    """A local path or (when allowed) a `pipe:` URL, opened by webdataset's `gopen`: its pipe
+    object checks the command's exit status when closed, so a failing command is an error, not
+    a silently short shard."""
+    if url.startswith("pipe:") and not allow_pipe:
+        raise ValueError(f"train_shards: refusing shell URL '{url}' (set data.allow_pipe=true)")
+    return gopen(url, "rb")
+
+
+def _close_quietly(stream: BinaryIO) -> None:
+    with contextlib.suppress(OSError):
+        stream.close()
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -67,7 +74,7 @@ def _split_name(name: str) -> tuple[str, str]:
 def read_shard(url: str, *, allow_pipe: bool = False) -> Iterator[RawSample]:
     """Raw samples of one shard in stored order. A truncated or unreadable tar ends the shard
     with one `error` sample naming it (the samples before it are still yielded)."""
-    stream, proc = _open(url, allow_pipe)
+    stream = _open(url, allow_pipe)
     current: RawSample | None = None
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
@@ -87,6 +94,7 @@ def read_shard(url: str, *, allow_pipe: bool = False) -> Iterator[RawSample]:
                     current.text = data
                 elif ext == "json":
                     current.meta = data
+        stream.close()  # for a pipe: URL this raises if the command failed
     except (tarfile.TarError, OSError, EOFError) as exc:
         # The half-read sample is dropped with the rest of the shard: it may be incomplete.
         yield RawSample(
@@ -94,9 +102,7 @@ def read_shard(url: str, *, allow_pipe: bool = False) -> Iterator[RawSample]:
         )
         current = None
     finally:
-        stream.close()
-        if proc is not None:
-            proc.wait()
+        _close_quietly(stream)  # after an error or an early stop (closing twice is a no-op)
     if current is not None:
         yield current
 

@@ -38,19 +38,19 @@ def load_tokenizer(path: str | Path) -> CLIPTokenizer:
 def tokenize(
     tokenizer: CLIPTokenizer, texts: list[str], context_length: int = 77
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask, both (n, context_length) int64.
+    """Token ids and attention mask, both (n, context_length) int64, padded with the pad token.
 
-    Long texts are cut so that the eos token stays last: CLIP's text tower pools at the first
-    eos, so dropping it would pool at a padding position instead.
+    The tokenizer's own call does the work: its post-processor adds bos/eos after truncation,
+    so a long text keeps eos as its last token. That matters because CLIP's text tower pools
+    at the first eos; a cut-off eos would pool at a padding position instead.
     """
     if context_length < 2:
         raise ValueError("context_length: must be >= 2 (room for bos and eos)")
-    encoded = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
-    ids = torch.full((len(encoded), context_length), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), context_length), dtype=torch.long)
-    for row, seq in enumerate(encoded):
-        if len(seq) > context_length:
-            seq = [*seq[: context_length - 1], tokenizer.eos_token_id]
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
+    encoded = tokenizer(
+        list(texts),
+        padding="max_length",
+        truncation=True,
+        max_length=context_length,
+        return_tensors="pt",
+    )
+    return encoded["input_ids"].long(), encoded["attention_mask"].long()

@@ -58,3 +58,18 @@ def test_resume_after_bad_samples_is_exact_and_keeps_the_count(synthetic_dir, tm
     assert resumed.skipped_samples == first.skipped_samples
     assert same(take(resumed, 5), expected[7:])
     assert resumed.skipped_samples >= 3  # the second epoch meets the same bad samples again
+
+
+def test_failing_pipe_command_is_an_error_not_a_short_shard(synthetic_dir):
+    """A `pipe:` shard whose command exits non-zero (a download that died after sending part of
+    the tar) ends with an error sample; its exit status used to be ignored."""
+    from data.shards import read_shard
+
+    shard = sorted((synthetic_dir / "train").glob("*.tar"))[0]
+    local = list(read_shard(str(shard)))
+    piped = list(read_shard(f"pipe:cat {shard}", allow_pipe=True))
+    assert [s.key for s in piped] == [s.key for s in local] and not any(s.error for s in piped)
+    failed = list(read_shard(f"pipe:cat {shard}; exit 3", allow_pipe=True))
+    assert failed[-1].error and "exit 3" in failed[-1].error
+    before = [s.key for s in failed[:-1]]  # what was read before the status showed: a prefix
+    assert before == [s.key for s in local[: len(before)]]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainer.config import load_config
 from trainer.config_io import ConfigError, dump_yaml, read_yaml
@@ -85,3 +86,27 @@ def test_cli_reports_one_line_and_exit_2(tmp_path, shards) -> None:
     assert result.stderr.strip().splitlines()[-1].startswith("disco-clip: error: optim.lr")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()  # nothing written for a rejected config
+
+
+def test_schedule_is_transformers_cosine_one_step_earlier():
+    """Why `WarmupCosine` is kept instead of transformers' cosine-with-min-lr schedule: after
+    warmup the two are the same function, but transformers' warmup starts at lr 0 (its first
+    optimizer step is wasted) and, past the last step, its cosine rises again; ours reaches the
+    peak at the last warmup step and then stays at the floor."""
+    from torch.optim.lr_scheduler import LambdaLR
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    from trainer.engine import WarmupCosine
+
+    warmup, total, floor = 10, 100, 0.1
+    ours = WarmupCosine(warmup, total, floor)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=floor)
+    assert isinstance(hf, LambdaLR)
+    theirs = hf.lr_lambdas[0]
+    for step in range(warmup, total + 1):
+        assert abs(ours(step) - theirs(step)) < 1e-12, step
+    for step in range(warmup):
+        assert abs(ours(step) - theirs(step + 1)) < 1e-12, step  # one step earlier
+    assert theirs(0) == 0.0 and ours(0) == 1 / warmup
+    assert ours(total + 50) == floor and theirs(total + 50) > floor

@@ -51,3 +51,30 @@ def test_tokenize_pads_with_mask_and_truncates_keeping_eos(tok):
 def test_missing_tokenizer_dir_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"^tokenizer: .*missing"):
         load_tokenizer(tmp_path / "nope")
+
+
+def _eos_last_reference(tok, texts, context_length):
+    """The contract `tokenize` had when it was hand-written: untruncated ids, cut to L−1 tokens
+    plus eos, padded with pad; mask 1 on the kept tokens."""
+    ids = torch.full((len(texts), context_length), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(texts), context_length), dtype=torch.long)
+    for row, text in enumerate(texts):
+        seq = tok(text, truncation=False).input_ids
+        if len(seq) > context_length:
+            seq = [*seq[: context_length - 1], tok.eos_token_id]
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("context_length", [2, 3, 8, 16, 77])
+def test_tokenize_is_the_tokenizer_call_with_eos_kept_last(tok, context_length):
+    """`tokenize` is `tokenizer(texts, padding="max_length", truncation=True, max_length=L)` on
+    the shipped tokenizer: same ids and mask as the explicit eos-last construction, for short,
+    empty, exactly-L and far-too-long texts, punctuation, digits and other scripts."""
+    words = [*class_names(), "golden retriever", "Ünïcode", "12%!", "日本語", "🙂", "—", ""]
+    texts = [" ".join(words[i : i + n]) for n in (0, 1, 3, 7, 40) for i in range(0, len(words), 5)]
+    ids, mask = tokenize(tok, texts, context_length)
+    ref_ids, ref_mask = _eos_last_reference(tok, texts, context_length)
+    assert torch.equal(ids, ref_ids) and torch.equal(mask, ref_mask)
+    assert ids.dtype == mask.dtype == torch.long
