@@ -12,8 +12,9 @@ data-parallel ÷N every parameter gradient — logit_scale and logit_bias includ
 full-batch gradient. Memory per rank is O(b·B) for the logits, as for DisCo.
 
 Clamp: s is clamped at 100 exactly as in the CLIP losses (`logit_scale_value`), for one
-convention across objectives. SigLIP initialises logit_scale = ln 10 and bias = −10, far from
-the clamp; the paper leaves the temperature unclamped, and with L2-normalised features the
+convention across objectives. The SigLIP paper initialises logit_scale = ln 10 and bias = −10
+(SIGLIP_INIT_*; this trainer starts the bias at −10 and the scale at `model.logit_scale_init`,
+whatever the loss), far from the clamp; the paper leaves the temperature unclamped, and with L2-normalised features the
 logits are bounded by s anyway. The bias is not clamped.
 """
 
