@@ -8,6 +8,7 @@ full-batch reference computed on every rank.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -17,6 +18,22 @@ import torch.nn.functional as F
 D_IN, D = 6, 4
 # Scalar parameters passed to the loss after the features, in this order, when present.
 SCALARS = ("logit_scale", "logit_bias")
+
+
+MAX_LOGIT_SCALE = math.log(100)
+
+
+def reference_scale(logit_scale: torch.Tensor) -> torch.Tensor:
+    """s = exp(min(logit_scale, ln 100)) with the clamp's agreed gradient, written independently
+    of the product: straight through, except that above the bound a gradient that would raise
+    logit_scale under descent (negative) is dropped — so a scale pushed past the bound can come
+    back down but is never pushed further up."""
+    ls = logit_scale.reshape(())
+    over = ls.detach() > MAX_LOGIT_SCALE
+    clamped = ls - (ls - MAX_LOGIT_SCALE).clamp(min=0).detach()  # value min(ls, bound), d/dls = 1
+    if clamped.requires_grad:
+        clamped.register_hook(lambda g: torch.where(over & (g < 0), torch.zeros_like(g), g))
+    return clamped.exp()
 
 
 def make_problem(

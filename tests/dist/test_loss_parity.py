@@ -16,7 +16,12 @@ import pytest
 import torch
 
 import trainer.losses.disco as loss_mod
-from tests.dist._parity import assert_within, averaging_gather, errors_vs_reference
+from tests.dist._parity import (
+    assert_within,
+    averaging_gather,
+    errors_vs_reference,
+    reference_scale,
+)
 from tests.support.localdist import run_ranks
 
 B_LOCAL = 5
@@ -34,7 +39,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 def reference_loss(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """CLIP's full-batch symmetric cross-entropy, written out independently of trainer.losses.disco."""
-    scale = logit_scale.reshape(()).clamp(max=math.log(100)).exp()
+    scale = reference_scale(logit_scale)
     logits = scale * x @ y.T
     log_p = logits - logits.logsumexp(dim=1, keepdim=True)
     log_q = logits.T - logits.T.logsumexp(dim=1, keepdim=True)
@@ -69,3 +74,52 @@ def test_distributed_losses_equal_full_batch(world: int) -> None:
                 assert max(errs[k] for k in ("x", "y", "w_img", "w_txt")) <= TOL[dtype]
             else:
                 assert min(errs[k] for k in ("x", "y", "w_img", "w_txt")) > 0.1
+
+
+def _bf16_reduce_scatter_rank(rank: int, world: int) -> list[str]:
+    """The dtypes that reach the gather's reduce-scatter when the towers run in bf16."""
+    seen: list[str] = []
+    real = loss_mod._reduce_scatter_single
+
+    def recording(out, inp, *args, **kwargs):
+        seen.append(str(inp.dtype))
+        return real(out, inp, *args, **kwargs)
+
+    loss_mod._reduce_scatter_single = recording
+    try:
+        gen = torch.Generator().manual_seed(rank)
+        x = torch.randn(B_LOCAL, 8, generator=gen).bfloat16().requires_grad_()
+        y = torch.randn(B_LOCAL, 8, generator=gen).bfloat16().requires_grad_()
+        loss_mod.disco_clip_loss(x, y, torch.tensor(2.0).bfloat16()).backward()
+        assert x.grad.dtype == torch.bfloat16  # rounded back once, after the fp32 sum
+    finally:
+        loss_mod._reduce_scatter_single = real
+    return seen
+
+
+def test_feature_gradients_are_summed_across_ranks_in_fp32() -> None:
+    """With bf16 towers, the reduce-scatter that adds the other ranks' feature gradients runs on
+    fp32 tensors: a bf16 sum would round every partial sum to 8 mantissa bits."""
+    for seen in run_ranks(_bf16_reduce_scatter_rank, 2):
+        assert seen == ["torch.float32", "torch.float32"]
+
+
+def _parity_without_single_collectives(rank: int, world: int) -> list[dict[str, float]]:
+    """torch < 2.13 (the GPU machine has 2.11) has no all_gather_single/reduce_scatter_single:
+    remove them, re-import the losses and check parity again."""
+    import importlib
+
+    import torch.distributed as dist
+
+    for name in ("all_gather_single", "reduce_scatter_single"):
+        if hasattr(dist, name):
+            delattr(dist, name)
+    fresh = importlib.reload(loss_mod)
+    assert fresh._all_gather_single is dist.all_gather_into_tensor
+    assert fresh._reduce_scatter_single is dist.reduce_scatter_tensor
+    return clip_errors(rank, world, fresh.disco_clip_loss)
+
+
+def test_parity_holds_with_the_older_collective_names() -> None:
+    for rank, errs in enumerate(run_ranks(_parity_without_single_collectives, 2)):
+        assert_within(errs, CASES, TOL, f"disco without *_single, rank {rank}/2")

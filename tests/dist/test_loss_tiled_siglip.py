@@ -18,7 +18,12 @@ import torch
 import torch.nn.functional as F
 
 import trainer.losses.siglip as siglip_mod
-from tests.dist._parity import assert_within, averaging_gather, errors_vs_reference
+from tests.dist._parity import (
+    assert_within,
+    averaging_gather,
+    errors_vs_reference,
+    reference_scale,
+)
 from tests.dist.test_loss_parity import CASES, TOL, clip_errors
 from tests.support.localdist import run_ranks
 from trainer.losses.ring import ring_tiled_disco_clip_loss
@@ -41,7 +46,7 @@ SIGLIP_CASES = [
 
 def reference_siglip(x, y, logit_scale, logit_bias) -> torch.Tensor:
     """−1/B · Σ_ij log σ(z_ij·(s·x_i·y_j + bias)) over the full batch, written out directly."""
-    scale = logit_scale.reshape(()).clamp(max=math.log(100)).exp()
+    scale = reference_scale(logit_scale)
     z = 2 * torch.eye(x.shape[0], dtype=x.dtype) - 1  # +1 on the diagonal, −1 elsewhere
     return -F.logsigmoid(z * (scale * x @ y.T + logit_bias.reshape(()))).sum() / x.shape[0]
 

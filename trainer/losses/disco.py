@@ -26,8 +26,39 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+class SimulatedGroup:
+    """A stand-in for a process group of `world` ranks, as seen from `rank`: a test and bench
+    mode (one rank's memory and compute of an N-rank run on one device), never a training
+    default.
+
+    `gather_rows` returns (world·b, d) rows whose slice for `rank` is the real local tensor and
+    whose other rows are fixed random unit vectors (seeded, same device and dtype, no gradient);
+    the backward therefore returns this rank's slice only, where a real run would add the
+    other ranks' contributions by reduce-scatter. Shapes, memory and FLOPs match one real rank;
+    the loss value does not match any real run. Only `disco_clip_loss`, `full_batch_clip_loss`
+    and `siglip_loss` accept it (they gather through `gather_rows`).
+    """
+
+    def __init__(self, rank: int, world: int, seed: int = 0) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"SimulatedGroup: rank {rank} is not in [0, {world})")
+        self.rank, self.world, self.seed = rank, world, seed
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        b, d = local.shape
+        gen = torch.Generator(device=local.device).manual_seed(self.seed)
+        others = torch.randn(
+            (self.world - 1) * b, d, generator=gen, device=local.device, dtype=local.dtype
+        )
+        others = F.normalize(others, dim=-1)
+        before, after = others[: self.rank * b], others[self.rank * b :]
+        return torch.cat([before, local, after])  # (world·b, d); cat's backward slices
+
+
+def _world(group: dist.ProcessGroup | SimulatedGroup | None) -> tuple[int, int]:
     """(rank, world size) in `group`; (0, 1) when torch.distributed is not initialised."""
+    if isinstance(group, SimulatedGroup):
+        return group.rank, group.world
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
@@ -64,20 +95,50 @@ class _GatherRows(torch.autograd.Function):
 
 def gather_rows(local: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """All-gather with a summing backward; identity when there is a single process."""
+    if isinstance(group, SimulatedGroup):
+        return group.gather(local)
     if _world(group)[1] == 1:
         return local
     return _GatherRows.apply(local, group)
 
 
+class _ClampFromAbove(torch.autograd.Function):
+    """min(x, bound), with a gradient that can bring x back once it is past the bound.
+
+    A plain clamp has zero gradient above the bound, so a logit_scale that an optimizer step
+    pushed past ln 100 would stay there for good. OpenCLIP avoids that by clamping the parameter
+    after each step; under ZeRO with mixed precision the parameter the model sees is a 16-bit
+    copy of an fp32 master that only the optimizer owns, so the clamp lives here instead (see
+    docs/disco.md, "logit_scale"): above the bound the gradient passes when it points down
+    (descent lowers x) and is zero when it points up. At or below the bound this is a clamp.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bound: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.bound = bound
+        return x.clamp(max=bound)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        blocked = (x > ctx.bound) & (grad < 0)  # above the bound and descent would raise it
+        return grad.masked_fill(blocked, 0.0), None
+
+
 def logit_scale_value(logit_scale: torch.Tensor) -> torch.Tensor:
-    """exp(logit_scale) clamped at 100, as a 0-dim tensor; accepts any one-element shape.
+    """exp(logit_scale) clamped at 100, as a 0-dim tensor in at least fp32; any one-element
+    shape and any dtype (a bf16 parameter is upcast first: in bf16, ln 100 rounds to 4.594 and
+    the scale would top out at 98.9).
 
     The clamp lives in the forward (not on the parameter) so that mixed-precision engines,
-    which keep an fp32 master copy, are clamped too.
+    which keep an fp32 master copy, are clamped too; its gradient lets a scale that went past
+    the bound come back (`_ClampFromAbove`).
     """
     if logit_scale.numel() != 1:
         raise ValueError(f"logit_scale must have one element, got shape {tuple(logit_scale.shape)}")
-    return logit_scale.reshape(()).clamp(max=MAX_LOGIT_SCALE).exp()
+    value = logit_scale.reshape(()).to(_compute_dtype(logit_scale))
+    return _ClampFromAbove.apply(value, MAX_LOGIT_SCALE).exp()
 
 
 def _compute_dtype(features: torch.Tensor) -> torch.dtype:
@@ -117,12 +178,15 @@ def disco_clip_loss(
     b = image_features.shape[0]
     dtype = _compute_dtype(image_features)
     scale = logit_scale_value(logit_scale).to(dtype)
+    # Upcast before the gather: the logits, the softmax and the reduce-scatter that sums the
+    # other ranks' feature gradients all run in fp32 (the cast's backward rounds once, at the end).
+    image, text = image_features.to(dtype), text_features.to(dtype)
 
-    all_image = gather_rows(image_features, group)  # (B, d)
-    all_text = gather_rows(text_features, group)  # (B, d)
+    all_image = gather_rows(image, group)  # (B, d)
+    all_text = gather_rows(text, group)  # (B, d)
     # Only this rank's rows, in both directions: (b, d) · (d, B) -> (b, B)
-    logits_image = scale * (image_features @ all_text.T).to(dtype)
-    logits_text = scale * (text_features @ all_image.T).to(dtype)
+    logits_image = scale * (image @ all_text.T)
+    logits_text = scale * (text @ all_image.T)
     labels = torch.arange(b, device=image_features.device) + rank * b
     return 0.5 * (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels))
 
@@ -142,9 +206,10 @@ def full_batch_clip_loss(
     _check_pair(image_features, text_features)
     dtype = _compute_dtype(image_features)
     scale = logit_scale_value(logit_scale).to(dtype)
+    image, text = image_features.to(dtype), text_features.to(dtype)  # as in disco_clip_loss
 
-    all_image = gather_rows(image_features, group)  # (B, d)
-    all_text = gather_rows(text_features, group)  # (B, d)
-    logits = scale * (all_image @ all_text.T).to(dtype)  # (B, d) · (d, B) -> (B, B)
+    all_image = gather_rows(image, group)  # (B, d)
+    all_text = gather_rows(text, group)  # (B, d)
+    logits = scale * (all_image @ all_text.T)  # (B, d) · (d, B) -> (B, B)
     labels = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))

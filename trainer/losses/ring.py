@@ -97,5 +97,5 @@ def ring_tiled_disco_clip_loss(
     messages (N − 1 hops forward, N backward) instead of being all-gathered, so no rank holds
     more than a few (b, d) chunks; it pays for that in latency (N sequential hops, no overlap).
     """
-    x, y, scale = _prepare(image_features, text_features, logit_scale, tile_size)
+    x, y, scale = _prepare(image_features, text_features, logit_scale, tile_size, group)
     return _RingTiledClip.apply(x, y, scale, group, tile_size)

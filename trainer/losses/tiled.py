@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.losses.disco import (
+    SimulatedGroup,
     _all_gather_single,
     _check_pair,
     _compute_dtype,
@@ -190,9 +191,12 @@ def _prepare(
     text_features: torch.Tensor,
     logit_scale: torch.Tensor,
     tile_size: int,
+    group=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Checked inputs in the compute dtype (at least fp32) and the clamped scale s."""
     _check_pair(image_features, text_features)
+    if isinstance(group, SimulatedGroup):
+        raise TypeError("tiled and ring losses gather on their own: SimulatedGroup is for disco")
     if tile_size < 1:
         raise ValueError(f"tile_size must be ≥ 1, got {tile_size}")
     dtype = _compute_dtype(image_features)
@@ -221,5 +225,5 @@ def tiled_disco_clip_loss(
     Returns:
         This rank's scalar loss, equal to `disco_clip_loss` to rounding (same contract).
     """
-    x, y, scale = _prepare(image_features, text_features, logit_scale, tile_size)
+    x, y, scale = _prepare(image_features, text_features, logit_scale, tile_size, group)
     return _TiledClip.apply(x, y, scale, group, tile_size)
