@@ -2,7 +2,8 @@
 
 These paths exist so the whole trainer runs (and is tested) on CPU-only machines with gloo.
 None of them is taken on a GPU machine. What CPU cannot test: NCCL collectives, fused CUDA
-Adam, fp16/bf16 CUDA kernels, pinned-memory offload and real GPU memory figures.
+Adam (torch.optim.AdamW(fused=True), see trainer.engine.choose_optimizer), fp16/bf16 CUDA
+kernels, pinned-memory offload and real GPU memory figures.
 """
 
 from __future__ import annotations
@@ -28,13 +29,10 @@ def skip_deepspeed_shm_build() -> None:
 
 
 def adapt_deepspeed_config(ds_config: dict) -> dict:
-    """Use torch's Adam instead of FusedAdam (a CUDA JIT build) and unpinned offload buffers
-    (pinning needs a CUDA context). Returns the config, changed in place."""
+    """Unpinned offload buffers (pinning needs a CUDA context). Returns the config, changed in
+    place. (Which Adam runs, torch's on CPU, is trainer.engine.choose_optimizer's decision.)"""
     if on_cuda():
         return ds_config
-    params = ds_config.get("optimizer", {}).get("params", {})
-    if "torch_adam" in params:
-        params["torch_adam"] = True
     zero = ds_config.get("zero_optimization", {})
     for key in ("offload_optimizer", "offload_param"):
         if isinstance(zero.get(key), dict):

@@ -134,11 +134,56 @@ def init_distributed(info: DistInfo, cfg: DistConfig) -> None:
     )
     cpu_quirks.skip_deepspeed_shm_build()
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cpu_quirks.on_cuda() else "gloo")
-    if cpu_quirks.on_cuda():
-        torch.cuda.set_device(info.local_rank)
+    if cpu_quirks.on_cuda():  # CUDA-only: no CPU test reaches this branch
+        index = cuda_device_index(info.local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        # DeepSpeed picks its device from LOCAL_RANK again (the process group's device_id,
+        # engine.device, zero.Init's local device), so LOCAL_RANK must name the CUDA index we
+        # chose, not the node-local task number (they differ under srun --gpus-per-task).
+        os.environ["LOCAL_RANK"] = str(index)
     deepspeed.init_distributed(
         dist_backend=backend,
         auto_mpi_discovery=False,
         timeout=timedelta(seconds=cfg.timeout_s),
         verbose=False,
     )
+
+
+def cuda_device_index(local_rank: int, visible_devices: int) -> int:
+    """The CUDA index this process trains on.
+
+    One GPU per node-local rank (torchrun, deepspeed, srun --gpus-per-node): index local_rank.
+    Under srun --gpus-per-task (or any launcher that narrows CUDA_VISIBLE_DEVICES per process)
+    each process sees exactly one GPU, index 0, while its local rank may be 1, 2, ...
+    """
+    if 0 <= local_rank < visible_devices:
+        return local_rank
+    if visible_devices == 1:
+        return 0
+    raise ValueError(
+        f"LOCAL_RANK is {local_rank} but this process sees {visible_devices} CUDA device(s) "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); give "
+        "each node as many GPUs as tasks (srun --gpus-per-node, torchrun --nproc-per-node) "
+        "or exactly one GPU per task (srun --gpus-per-task=1)"
+    )
+
+
+def train_device() -> torch.device:
+    """Where this process's model and batches live: its current CUDA device (set by
+    init_distributed) on a GPU machine, else the CPU."""
+    if cpu_quirks.on_cuda():  # CUDA-only
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def collective_device(group=None) -> torch.device:
+    """The device a tensor must be on to go through a collective of `group` (default: the
+    default process group): the current CUDA device under NCCL, which cannot reduce CPU
+    tensors; the CPU under gloo, or when no process group is running."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return torch.device("cpu")
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())  # CUDA-only: tests/gpu (none yet)

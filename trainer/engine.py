@@ -135,7 +135,10 @@ def build_deepspeed_config(
     world_size: int,
     precision: str,
     optim: OptimConfig,
+    on_cuda: bool | None = None,
 ) -> dict:
+    """The DeepSpeed config of a run: "auto" leaves filled, the optimizer chosen
+    (choose_optimizer; `on_cuda` defaults to this machine), CPU-only changes applied."""
     values = {
         "train_batch_size": global_batch_size,
         "train_micro_batch_size_per_gpu": global_batch_size // world_size,
@@ -149,12 +152,103 @@ def build_deepspeed_config(
         "optimizer.params.betas": list(optim.betas),
         "optimizer.params.eps": optim.eps,
         "optimizer.params.weight_decay": optim.weight_decay,
-        "optimizer.params.torch_adam": False,
     }
-    config = _fill_auto(copy.deepcopy(template), values)
+    if on_cuda is None:
+        on_cuda = cpu_quirks.on_cuda()
+    config = _fill_auto(_with_optimizer_choice(template, on_cuda), values)
     # Clipping must be explicit even if the JSON omitted it: DeepSpeed defaults to 1.0.
     config["gradient_clipping"] = config.get("gradient_clipping", optim.grad_clip)
-    return cpu_quirks.adapt_deepspeed_config(config)
+    return config if on_cuda else cpu_quirks.adapt_deepspeed_config(config)
+
+
+# ---- which Adam runs -----------------------------------------------------------------------
+# DeepSpeed builds the optimizer from the JSON's "optimizer" section and our parameter groups.
+# With "torch_adam": true it constructs torch.optim.AdamW(groups, lr, betas, eps, weight_decay,
+# **other params) itself, so {"torch_adam": true, "fused": true} gives torch's fused CUDA AdamW
+# with no client optimizer (and no zero_allow_untested_optimizer: torch.optim.AdamW is on
+# ZeRO's supported list anyway). With "torch_adam": false it uses deepspeed.ops.adam.FusedAdam,
+# whose CUDA op is JIT-compiled with nvcc at the first run unless it was prebuilt at install
+# time (DS_BUILD_FUSED_ADAM=1 pip install deepspeed); we take it only when prebuilt.
+
+TORCH_ADAMW = "torch.optim.AdamW"
+TORCH_ADAMW_FUSED = "torch.optim.AdamW(fused=True)"
+DEEPSPEED_FUSED_ADAM = "deepspeed.ops.adam.FusedAdam"
+DEEPSPEED_CPU_ADAM = "deepspeed.ops.adam.DeepSpeedCPUAdam"
+
+
+def prebuilt_fused_adam() -> bool:
+    """Is DeepSpeed's FusedAdam CUDA op installed prebuilt, so that using it builds nothing?
+
+    The same checks OpBuilder.load() makes before it imports a prebuilt op rather than
+    JIT-compiling it (deepspeed/ops/op_builder/builder.py): the op is in installed_ops, the
+    install was for CUDA, torch and CUDA major.minor match the install's, and the compiled
+    module exists. Builds and loads nothing itself. (FusedAdamBuilder().is_compatible() is no
+    such test: it says whether a JIT build could work.)
+    """
+    import importlib.util
+
+    try:
+        from deepspeed.git_version_info import accelerator_name, installed_ops, torch_info
+    except ImportError:
+        return False
+    if not installed_ops.get("fused_adam", False) or accelerator_name != "cuda":
+        return False
+    if torch_info.get("version") != ".".join(torch.__version__.split(".")[:2]):
+        return False
+    cuda = torch.version.cuda
+    if cuda is None or torch_info.get("cuda_version") != ".".join(cuda.split(".")[:2]):
+        return False
+    try:
+        return importlib.util.find_spec("deepspeed.ops.adam.fused_adam_op") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def choose_optimizer(on_cuda: bool, *, cpu_offload: bool = False) -> str:
+    """Which Adam(W) the engine will run; one of the names above (what initialize prints).
+
+    - ZeRO optimizer offload (offload_optimizer in the JSON): DeepSpeed's CPU Adam, its choice,
+      kept (a C++ JIT build, no nvcc).
+    - CPU: torch.optim.AdamW through DeepSpeed's torch_adam (single-tensor/foreach), as always.
+    - CUDA: DeepSpeed's FusedAdam if its op is prebuilt, else torch.optim.AdamW(fused=True):
+      never an nvcc build at start-up, which fails on machines without the CUDA toolkit.
+    """
+    if cpu_offload:
+        return DEEPSPEED_CPU_ADAM
+    if not on_cuda:
+        return TORCH_ADAMW
+    return DEEPSPEED_FUSED_ADAM if prebuilt_fused_adam() else TORCH_ADAMW_FUSED
+
+
+def _with_optimizer_choice(template: dict, on_cuda: bool) -> dict:
+    """A copy of the JSON with optimizer.params.torch_adam ("auto" or absent) and, for torch's
+    fused AdamW, optimizer.params.fused set from choose_optimizer. A concrete torch_adam in
+    the JSON is the user's choice and is kept (initialize prints what ran)."""
+    config = copy.deepcopy(template)
+    optimizer = config.get("optimizer")
+    if not isinstance(optimizer, dict) or str(optimizer.get("type", "")).lower() not in (
+        "adam", "adamw",
+    ):  # fmt: skip
+        return config
+    offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    choice = choose_optimizer(on_cuda, cpu_offload=offload.get("device") in ("cpu", "nvme"))
+    params = optimizer.setdefault("params", {})
+    torch_adam = choice in (TORCH_ADAMW, TORCH_ADAMW_FUSED)
+    if params.get("torch_adam") == "auto" or ("torch_adam" not in params and torch_adam):
+        params["torch_adam"] = torch_adam
+    if params.get("torch_adam") is True and choice == TORCH_ADAMW_FUSED:
+        params.setdefault("fused", True)  # DeepSpeed passes unknown params on to AdamW
+    return config
+
+
+def optimizer_label(optimizer) -> str:
+    """The name choose_optimizer uses for an optimizer instance (what actually ran)."""
+    cls = type(optimizer)
+    if cls is torch.optim.AdamW:
+        return TORCH_ADAMW_FUSED if optimizer.defaults.get("fused") else TORCH_ADAMW
+    if cls.__module__.startswith("deepspeed.ops.adam"):
+        return f"deepspeed.ops.adam.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def zero_stage(ds_config: dict) -> int:
@@ -188,4 +282,7 @@ def initialize(model: torch.nn.Module, ds_config: dict, schedule: WarmupCosine):
         config=ds_config,
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, schedule),
     )
+    if engine.global_rank == 0:
+        basic = getattr(engine, "basic_optimizer", engine.optimizer)
+        print(f"optimizer: {optimizer_label(basic)}", flush=True)
     return engine

@@ -165,6 +165,27 @@ def test_eval_cli_on_export_and_on_checkpoint(eval_runs, exported, synthetic_dir
     assert main(["eval", "--model", "/no/such/model", "--zeroshot", val]) == 2
 
 
+def test_eval_cli_device(exported, synthetic_dir, capsys):
+    """--device cpu is the default's result on a CPU machine; a CUDA device the machine lacks
+    is one error line and exit 2, before the model is loaded."""
+    from trainer.cli import main
+
+    base = ("eval", "--model", str(exported[2]), "--zeroshot", str(synthetic_dir / "val"))
+    capsys.readouterr()
+    assert main(list(base)) == 0
+    default_out = capsys.readouterr().out
+    assert main([*base, "--device", "cpu"]) == 0
+    cpu_out = capsys.readouterr().out
+    assert "zeroshot_top1:" in cpu_out
+    if torch.cuda.is_available():
+        pytest.skip("the CUDA-absent errors are checked on CPU machines only")
+    assert cpu_out == default_out
+    for device in ("cuda", "cuda:7"):
+        code, err = _cli(capsys, *base, "--device", device)
+        assert code == 2, device
+        assert len(err.strip().splitlines()) == 1 and "--device: " + device in err
+
+
 def test_siglip_bias_goes_to_config(eval_runs, tmp_path, monkeypatch):
     """CLIPModel has no logit_bias: it must leave as a config.json attribute, not be dropped."""
     from transformers import CLIPModel

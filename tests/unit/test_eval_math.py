@@ -1,7 +1,10 @@
-"""Zero-shot and retrieval math against direct computations; template files; EvalConfig errors.
+"""Zero-shot and retrieval math against direct computations; template files; EvalConfig errors;
+the sharded gather over 3 gloo processes; `disco-clip eval --device`.
 
-A failure here localises to the metric math (trainer/eval/zeroshot.py, trainer/eval/retrieval.py) or to
-the single-process evaluation path (trainer/eval/evaluate.py) — no training or DeepSpeed involved.
+A failure here localises to the metric math (trainer/eval/zeroshot.py, trainer/eval/retrieval.py),
+the evaluation path (trainer/eval/evaluate.py) or the eval command's device handling
+(trainer/eval/command.py) — no training or DeepSpeed involved. CUDA-only, not reached here:
+evaluation on a CUDA model and the gather over NCCL (trainer.dist.collective_device).
 """
 
 from __future__ import annotations
@@ -144,3 +147,81 @@ def test_max_samples_spreads_over_classes(synthetic_dir):
     cfg = EvalConfig(zeroshot_dir=str(synthetic_dir / "val"), max_samples=30)
     names, samples = zeroshot_samples(cfg)
     assert len(samples) == 30 and {y for _, y in samples} == set(range(len(names)))
+
+
+def test_evaluate_on_an_explicit_device_equals_the_default(tiny_model, synthetic_dir):
+    model, tok = tiny_model
+    cfg = EvalConfig(zeroshot_dir=str(synthetic_dir / "val"), max_samples=20, batch_size=8)
+    assert evaluate(model, tok, cfg, device="cpu") == evaluate(model, tok, cfg)
+
+
+# ---- sharded gather (gloo, 3 processes); the NCCL path is CUDA-only ------------------------
+
+
+def _encode_items(batch: list[int]) -> dict[str, torch.Tensor]:
+    values = torch.tensor(batch)
+    return {"feat": torch.stack([values.float(), -values.float()], 1), "item": values}
+
+
+def _gather_on_ranks(rank: int, world_size: int) -> dict:
+    from trainer.eval.evaluate import gather_encoded
+
+    shard = dict(dummy=-1, batch_size=2, rank=rank, world_size=world_size)
+    return {
+        n: gather_encoded(_encode_items, range(n), **shard) for n in (7, 2, 0)
+    }  # 7: ragged ranks and batches; 2: the last rank has nothing (dummy forwards); 0: none
+
+
+def test_gather_encoded_over_ranks_returns_every_row_once_on_every_rank():
+    from tests.support.localdist import run_ranks
+
+    for got in run_ranks(_gather_on_ranks, 3):
+        for n in (7, 2):
+            order = got[n]["item"].argsort()
+            assert got[n]["item"].dtype == torch.long
+            assert got[n]["item"][order].tolist() == list(range(n))
+            assert got[n]["feat"][order].tolist() == [[float(i), -float(i)] for i in range(n)]
+        assert got[0] == {}
+
+
+# ---- `disco-clip eval --device` -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_model(tiny_model, tmp_path_factory):
+    model, tok = tiny_model
+    out = tmp_path_factory.mktemp("tiny_hf")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _eval_cli(capsys, *args: str) -> tuple[int, str, str]:
+    from trainer.cli import main
+
+    capsys.readouterr()
+    code = main(["eval", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_eval_cli_device_cpu_equals_default(saved_tiny_model, synthetic_dir, capsys):
+    args = ("--model", str(saved_tiny_model), "--zeroshot", str(synthetic_dir / "val"))
+    code, default_out, err = _eval_cli(capsys, *args)
+    assert code == 0, err
+    code, cpu_out, err = _eval_cli(capsys, *args, "--device", "cpu")
+    assert code == 0, err
+    assert "zeroshot_top1:" in cpu_out
+    if not torch.cuda.is_available():  # the default is cpu here
+        assert cpu_out == default_out
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:7", "tpu", "cuda:x"])
+def test_eval_cli_bad_device_is_one_line_exit_2(saved_tiny_model, synthetic_dir, capsys, device):
+    if device.startswith("cuda") and torch.cuda.is_available() and device != "cuda:x":
+        pytest.skip("this machine has CUDA")
+    args = ("--model", str(saved_tiny_model), "--zeroshot", str(synthetic_dir / "val"))
+    code, out, err = _eval_cli(capsys, *args, "--device", device)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("disco-clip eval: error: --device:") and "Traceback" not in err

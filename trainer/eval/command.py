@@ -2,7 +2,8 @@
 
 One process; the same code as the periodic eval in training (trainer/eval/evaluate.py). --model is
 an exported / HF CLIP directory or anything `disco-clip export --checkpoint` accepts (see the
-trust note in trainer/interop/run_checkpoint.py and docs/trust.md).
+trust note in trainer/interop/run_checkpoint.py and docs/trust.md). --device (default: cuda when
+there is one, else cpu) is where the model runs; one that this machine lacks is one error line.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import torch
 
 from trainer.config_io import ConfigError, validate_tree
 from trainer.eval.evaluate import EvalConfig, evaluate
@@ -34,6 +37,34 @@ def load_model(path: str | Path):
     return model, tokenizer
 
 
+def resolve_device(spec: str | None) -> torch.device:
+    """--device as a torch.device: cpu, cuda or cuda:N, and one this machine has; None is the
+    default (cuda if available, else cpu). Errors are one line, naming --device."""
+    if spec is None:
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device: {spec!r} is not a device; use cpu, cuda or cuda:N")
+    if device.type == "cpu":
+        return torch.device("cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(
+            f"--device: {spec} asked for, but this machine has no usable CUDA device; "
+            "use --device cpu"
+        )
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= count:  # CUDA-only: reached with a CUDA device present
+        raise ConfigError(
+            f"--device: {spec} does not exist; this machine has {count} CUDA device(s), "
+            f"cuda:0 to cuda:{count - 1}"
+        )
+    return torch.device("cuda", index)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="zero-shot accuracy and retrieval recall")
     parser.add_argument("--model", required=True, help="HF CLIP dir, run dir or checkpoint dir")
@@ -45,6 +76,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--retrieval", default="", help="image-caption .tar shards")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-samples", type=int, default=0, help="0 = all")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda "
+                        "if available, else cpu)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
     parser.set_defaults(func=_run)
 
@@ -57,11 +90,12 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if not (cfg.zeroshot_dir or cfg.retrieval_shards):
             raise ConfigError("give --zeroshot DIR and/or --retrieval SHARDS")
+        device = resolve_device(args.device)
         validate_tree(EvalConfig(**{**vars(cfg), "every": 1}))  # every=1: classnames checked
         if not Path(args.model).exists():
             raise InteropError(f"--model: {args.model} does not exist")
         model, tokenizer = load_model(args.model)
-        metrics = evaluate(model, tokenizer, cfg)
+        metrics = evaluate(model.to(device), tokenizer, cfg, device=device)
     except (ConfigError, InteropError, ValueError, FileNotFoundError) as err:
         print(f"disco-clip eval: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return EXIT_USAGE

@@ -8,6 +8,12 @@ and the metrics (trainer/eval/zeroshot.py, trainer/eval/retrieval.py) are comput
 Under ZeRO-3 every forward is a collective (parameters are gathered per module), so every rank
 must run the same number of forwards: a rank that ran out of samples encodes a dummy batch
 and drops the result until all ranks agree they are done.
+
+Devices: the model runs where it lives (the engine's device in training, --device for
+`disco-clip eval`); every batch is moved there and the features and metric math stay there.
+Collectives go through trainer.dist.collective_device() (the CUDA device under NCCL, which
+cannot reduce CPU tensors; the CPU under gloo). CUDA-only: the NCCL path is not reached by
+any CPU test (tests/e2e/test_eval_export.py runs the gloo one).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+from trainer.dist import collective_device
 from trainer.eval.retrieval import recall_at_k
 from trainer.eval.zeroshot import BUILTIN_TEMPLATE_SETS, class_embeddings, prompts, zeroshot_metrics
 
@@ -104,21 +111,33 @@ def find_classnames(cfg: EvalConfig) -> Path | None:
 # ---- encoders that work on any CLIPModel (ours or a plain HF one) -------------------------
 
 
-def encode_images(model, pixels: torch.Tensor) -> torch.Tensor:
-    """(n, 3, S, S) -> (n, d) normalised fp32. Tower + projection called directly: under
-    ZeRO-3 each module gathers its own parameters, and CLIPModel.forward is not needed."""
-    dtype = next(model.parameters()).dtype
-    pooled = model.vision_model(pixel_values=pixels.to(dtype)).pooler_output
+def model_device(model) -> torch.device:
+    """The device a model's parameters live on (under ZeRO-3, that of their empty
+    placeholders, which is where DeepSpeed gathers them)."""
+    return next(model.parameters()).device
+
+
+def encode_images(model, pixels: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """(n, 3, S, S) -> (n, d) normalised fp32 on `device` (default: the model's). Tower +
+    projection called directly: under ZeRO-3 each module gathers its own parameters, and
+    CLIPModel.forward is not needed."""
+    param = next(model.parameters())
+    pixels = pixels.to(device=device or param.device, dtype=param.dtype)
+    pooled = model.vision_model(pixel_values=pixels).pooler_output
     return F.normalize(model.visual_projection(pooled).float(), dim=-1)
 
 
-def encode_texts(model, tokenizer, texts: list[str]) -> torch.Tensor:
-    """n strings -> (n, d) normalised fp32, tokenized exactly as in training."""
+def encode_texts(
+    model, tokenizer, texts: list[str], device: torch.device | None = None
+) -> torch.Tensor:
+    """n strings -> (n, d) normalised fp32 on `device` (default: the model's), tokenized
+    exactly as in training."""
     from data.tokenizer import tokenize
 
+    device = device or model_device(model)
     ids, mask = tokenize(tokenizer, texts, model.config.text_config.max_position_embeddings)
-    pooled = model.text_model(input_ids=ids, attention_mask=mask).pooler_output
-    return F.normalize(model.text_projection(pooled).float(), dim=-1)
+    pooled = model.text_model(input_ids=ids.to(device), attention_mask=mask.to(device))
+    return F.normalize(model.text_projection(pooled.pooler_output).float(), dim=-1)
 
 
 # ---- sharding: each rank encodes its share, everyone gets everything ----------------------
@@ -127,9 +146,26 @@ def encode_texts(model, tokenizer, texts: list[str]) -> torch.Tensor:
 def _any_rank(flag: bool, world_size: int) -> bool:
     if world_size == 1 or not dist.is_initialized():
         return flag
-    t = torch.tensor([float(flag)])
+    t = torch.tensor([float(flag)], device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def _gather_rows(local: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Every rank's rows of `local`, concatenated rank-major, on `local`'s device. Row counts
+    may differ per rank; dtype and trailing shape must not. Collective."""
+    device = collective_device()
+    count = torch.tensor([local.shape[0]], dtype=torch.long, device=device)
+    counts = [torch.empty_like(count) for _ in range(world_size)]
+    dist.all_gather(counts, count)
+    rows = [int(c.item()) for c in counts]
+    if max(rows) == 0:
+        return local
+    padded = torch.zeros((max(rows), *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[: local.shape[0]] = local.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, rows, strict=True)]).to(local.device)
 
 
 def gather_encoded(
@@ -143,7 +179,12 @@ def gather_encoded(
 ) -> dict[str, torch.Tensor]:
     """Encode this rank's share (items rank, rank+W, ...) in batches; return every rank's
     outputs concatenated (row order: rank-major, which callers never rely on: each output
-    row carries its own label/partner). Empty dict if there were no items at all."""
+    row carries its own label/partner), on the device `encode` returned them on. Empty dict
+    if there were no items at all.
+
+    Every rank knows every key, dtype and trailing shape: as soon as any rank has items, all
+    ranks encode (a dummy batch if need be), so tensors, not pickles, can be gathered.
+    """
     mine: Iterator[T] = itertools.islice(items, rank, None, world_size)
     outputs: list[dict[str, torch.Tensor]] = []
     empty: dict[str, torch.Tensor] = {}
@@ -158,10 +199,7 @@ def gather_encoded(
     local = {k: torch.cat([o[k] for o in outputs]) for k in empty} if outputs else empty
     if world_size == 1 or not dist.is_initialized():
         return local
-    everyone: list[Any] = [None] * world_size
-    dist.all_gather_object(everyone, local)
-    keys = next((part.keys() for part in everyone if part), [])
-    return {k: torch.cat([part[k] for part in everyone if part]) for k in keys}
+    return {k: _gather_rows(local[k], world_size) for k in sorted(local)}
 
 
 def _open(image: Image.Image | Path) -> Image.Image:
@@ -195,7 +233,9 @@ def zeroshot_samples(cfg: EvalConfig) -> tuple[list[str], Iterable[tuple[Any, in
     return names, samples
 
 
-def zeroshot_eval(model, tokenizer, cfg: EvalConfig, *, rank: int, world_size: int) -> dict:
+def zeroshot_eval(
+    model, tokenizer, cfg: EvalConfig, *, rank: int, world_size: int, device: torch.device
+) -> dict:
     from data.transforms import eval_transform
     from trainer.eval.zeroshot import load_templates
 
@@ -207,13 +247,16 @@ def zeroshot_eval(model, tokenizer, cfg: EvalConfig, *, rank: int, world_size: i
 
     def encode_prompts(batch: list[tuple[int, str]]) -> dict[str, torch.Tensor]:
         return {
-            "text": encode_texts(model, tokenizer, [text for _, text in batch]),
-            "cls": torch.tensor([c for c, _ in batch]),
+            "text": encode_texts(model, tokenizer, [text for _, text in batch], device),
+            "cls": torch.tensor([c for c, _ in batch], device=device),
         }
 
     def encode_batch(batch: list[tuple[Any, int]]) -> dict[str, torch.Tensor]:
-        pixels = torch.stack([transform(_open(img)) for img, _ in batch])  # (n, 3, S, S)
-        return {"image": encode_images(model, pixels), "label": torch.tensor([y for _, y in batch])}
+        pixels = torch.stack([transform(_open(img)) for img, _ in batch])  # (n, 3, S, S), CPU
+        return {
+            "image": encode_images(model, pixels, device),
+            "label": torch.tensor([y for _, y in batch], device=device),
+        }
 
     text = gather_encoded(encode_prompts, prompts(names, templates), dummy=(0, "a"), **shard)
     emb = class_embeddings(text["text"], text["cls"], len(names))  # (C, d)
@@ -225,7 +268,9 @@ def zeroshot_eval(model, tokenizer, cfg: EvalConfig, *, rank: int, world_size: i
     return {**metrics, "zeroshot_images": len(images["label"])}
 
 
-def retrieval_eval(model, tokenizer, cfg: EvalConfig, *, rank: int, world_size: int) -> dict:
+def retrieval_eval(
+    model, tokenizer, cfg: EvalConfig, *, rank: int, world_size: int, device: torch.device
+) -> dict:
     from data.eval_sets import wds_pairs
     from data.transforms import eval_transform
 
@@ -236,10 +281,10 @@ def retrieval_eval(model, tokenizer, cfg: EvalConfig, *, rank: int, world_size: 
         pairs = itertools.islice(pairs, cfg.max_samples)
 
     def encode_batch(batch: list[tuple[Image.Image, str]]) -> dict[str, torch.Tensor]:
-        pixels = torch.stack([transform(img) for img, _ in batch])  # (n, 3, S, S)
+        pixels = torch.stack([transform(img) for img, _ in batch])  # (n, 3, S, S), CPU
         return {
-            "image": encode_images(model, pixels),
-            "text": encode_texts(model, tokenizer, [caption for _, caption in batch]),
+            "image": encode_images(model, pixels, device),
+            "text": encode_texts(model, tokenizer, [caption for _, caption in batch], device),
         }
 
     dummy = (Image.new("RGB", (size, size)), "a")
@@ -252,21 +297,30 @@ def retrieval_eval(model, tokenizer, cfg: EvalConfig, *, rank: int, world_size: 
     return {**recall_at_k(feats["image"], feats["text"]), "retrieval_pairs": len(feats["image"])}
 
 
-def evaluate(model, tokenizer, cfg: EvalConfig, *, rank: int = 0, world_size: int = 1) -> dict:
-    """Every configured evaluation; collective when world_size > 1 (call on all ranks)."""
+def evaluate(
+    model,
+    tokenizer,
+    cfg: EvalConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str | None = None,
+) -> dict:
+    """Every configured evaluation; collective when world_size > 1 (call on all ranks).
+
+    The model runs on `device` (default: where its parameters are), which must be where the
+    model is; it is not moved here (under ZeRO-3 it cannot be)."""
+    device = torch.device(device) if device is not None else model_device(model)
+    shard = dict(rank=rank, world_size=world_size, device=device)
     was_training = model.training
     model.eval()
     metrics: dict[str, float] = {}
     try:
         with torch.no_grad():
             if cfg.zeroshot_dir:
-                metrics.update(
-                    zeroshot_eval(model, tokenizer, cfg, rank=rank, world_size=world_size)
-                )
+                metrics.update(zeroshot_eval(model, tokenizer, cfg, **shard))
             if cfg.retrieval_shards:
-                metrics.update(
-                    retrieval_eval(model, tokenizer, cfg, rank=rank, world_size=world_size)
-                )
+                metrics.update(retrieval_eval(model, tokenizer, cfg, **shard))
     finally:
         model.train(was_training)
     return metrics
@@ -274,5 +328,9 @@ def evaluate(model, tokenizer, cfg: EvalConfig, *, rank: int = 0, world_size: in
 
 def run_periodic_eval(model, cfg: EvalConfig, parts, info) -> dict[str, float]:
     """Called by the training loop on every rank at the same step; returns the same metrics
-    on every rank (rank 0 logs them)."""
-    return evaluate(model, parts.tokenizer, cfg, rank=info.rank, world_size=info.world_size)
+    on every rank (rank 0 logs them). Runs on the engine's device."""
+    engine = getattr(parts, "engine", None)
+    device = getattr(engine, "device", None)
+    return evaluate(
+        model, parts.tokenizer, cfg, rank=info.rank, world_size=info.world_size, device=device
+    )

@@ -30,7 +30,7 @@ def recall_at_k(
             f"{tuple(text_features.shape)} text features"
         )
     img = F.normalize(image_features.float(), dim=-1)
-    txt = F.normalize(text_features.float(), dim=-1)
+    txt = F.normalize(text_features.float(), dim=-1).to(img.device)
     sims = img @ txt.T  # (N, d)·(d, N) -> (N, N): row = image, column = caption
     i2t, t2i = _recall(sims, ks), _recall(sims.T, ks)
     return {

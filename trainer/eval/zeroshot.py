@@ -55,11 +55,12 @@ def class_embeddings(
     """Per-class normalised mean of normalised prompt embeddings.
 
     text_features: (P, d) one row per prompt, in any order; class_index: (P,) its class.
-    Returns (C, d). Every class must have at least one prompt.
+    Returns (C, d) on text_features' device. Every class must have at least one prompt.
     """
     feats = F.normalize(text_features.float(), dim=-1)  # (P, d)
-    sums = torch.zeros(num_classes, feats.shape[1]).index_add_(0, class_index.long(), feats)
-    counts = torch.bincount(class_index.long(), minlength=num_classes)
+    index = class_index.to(device=feats.device, dtype=torch.long)  # (P,)
+    sums = feats.new_zeros(num_classes, feats.shape[1]).index_add_(0, index, feats)  # (C, d)
+    counts = torch.bincount(index, minlength=num_classes)  # (C,)
     if (counts == 0).any():
         raise ValueError("every class needs at least one prompt embedding")
     return F.normalize(sums / counts[:, None], dim=-1)  # (C, d)
@@ -73,7 +74,7 @@ def topk_accuracy(
     # (N, C) -> (N, kmax) indices of the highest logits
     kmax = min(max(ks), logits.shape[1])
     top = logits.topk(kmax, dim=1).indices
-    hits = top == labels.long()[:, None]  # (N, kmax)
+    hits = top == labels.to(device=top.device, dtype=torch.long)[:, None]  # (N, kmax)
     return {k: hits[:, : min(k, kmax)].any(dim=1).float().mean().item() for k in ks}
 
 
@@ -81,6 +82,7 @@ def zeroshot_metrics(
     image_features: torch.Tensor, labels: torch.Tensor, class_emb: torch.Tensor
 ) -> dict[str, float]:
     """{"zeroshot_top1": ..., "zeroshot_top5": ...} as fractions in [0, 1]."""
-    logits = F.normalize(image_features.float(), dim=-1) @ class_emb.T  # (N, d)·(d, C) -> (N, C)
+    img = F.normalize(image_features.float(), dim=-1)
+    logits = img @ class_emb.to(img.device).T  # (N, d)·(d, C) -> (N, C)
     acc = topk_accuracy(logits, labels)
     return {f"zeroshot_top{k}": v for k, v in acc.items()}
