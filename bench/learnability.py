@@ -21,7 +21,7 @@ from data.config import DataConfig
 from data.eval_sets import imagefolder_samples, load_classnames
 from data.loader import build_train_loader
 from data.tokenizer import load_tokenizer, tokenize
-from data.transforms import eval_transform
+from data.transforms import eval_transform, normalize_pixels
 
 
 def tiny_clip_config(
@@ -105,9 +105,8 @@ def main() -> None:
         batch = next(loader)
         for group in opt.param_groups:  # without warmup, lr 3e-3 collapsed to log(b) loss
             group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
-        image, text = encode(
-            model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
-        )
+        pixels = normalize_pixels(batch["pixel_values"], torch.float32)  # loader: uint8
+        image, text = encode(model, pixels, batch["input_ids"], batch["attention_mask"])
         logits = model.logit_scale.exp().clamp(max=100) * image @ text.T  # (b, b)
         target = torch.arange(len(logits))
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

@@ -83,7 +83,10 @@ def _batch(b: int, context_length: int, image_size: int, vocab: int, eos: int, s
     ids = torch.randint(0, vocab - 2, (b, context_length), generator=gen)
     ids[:, -1] = eos  # the text tower pools at the first eos
     return {
-        "pixel_values": torch.randn(b, 3, image_size, image_size, generator=gen),
+        # uint8, as the loader hands pixels over (train_step normalises them)
+        "pixel_values": torch.randint(
+            0, 256, (b, 3, image_size, image_size), dtype=torch.uint8, generator=gen
+        ),
         "input_ids": ids,
         "attention_mask": torch.ones(b, context_length, dtype=torch.long),
     }
@@ -170,8 +173,9 @@ def measure_rank(rank: int, world: int, cases: list[BenchCase], ctx: int) -> lis
             inputs = _input_bytes(batch)
             states = live_tensor_bytes() - baseline - inputs
             start = time.perf_counter()
-            # The batch is live before the step; it belongs with the activations (the conv
-            # saves the pixels), as in the planner.
+            # The uint8 batch is live before the step; it belongs with the activations, as in
+            # the planner (input_bytes: the uint8 pixels + their normalisation, which the conv
+            # saves; the normalised copy is made inside the step, so the peak counts it).
             peak = peak_tensor_bytes(step) + inputs
             seconds = time.perf_counter() - start
             results[case] = {"states": states, "step": peak, "seconds": seconds}

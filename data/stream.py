@@ -107,7 +107,10 @@ def decode(sample: RawSample) -> tuple[Image.Image, str]:
 def worker_batches(
     spec: StreamSpec, worker: int, start: WorkerPosition
 ) -> Iterator[tuple[dict[str, torch.Tensor], WorkerPosition]]:
-    """Infinite (batch, position after it) pairs of one logical worker, from `start`."""
+    """Infinite (batch, position after it) pairs of one logical worker, from `start`.
+
+    A batch is dict(pixel_values (b, 3, S, S) uint8, input_ids (b, L), attention_mask (b, L)):
+    the pixels are not rescaled or normalised here (see data/transforms.normalize_pixels)."""
     transform = train_transform(spec.image_size, spec.crop_scale)
     epoch, offset, skipped = start.epoch, start.offset, start.skipped
     pixels: list[torch.Tensor] = []
@@ -132,7 +135,8 @@ def worker_batches(
             if len(pixels) == spec.batch_size:
                 input_ids, attention_mask = tokenize(spec.tokenizer, texts, spec.context_length)
                 batch = {
-                    "pixel_values": torch.stack(pixels),  # (b, 3, S, S)
+                    # uint8 RGB crops; the trainer normalises on the device (normalize_pixels).
+                    "pixel_values": torch.stack(pixels),  # (b, 3, S, S) uint8
                     "input_ids": input_ids,  # (b, L)
                     "attention_mask": attention_mask,  # (b, L)
                 }

@@ -4,6 +4,11 @@ The eval transform reproduces `CLIPImageProcessor(size={"shortest_edge": S},
 crop_size={"height": S, "width": S})`: resize the short side to S with PIL bicubic, centre
 crop, scale to [0, 1], normalise with CLIP's mean/std (tests/unit/test_data_transforms.py
 measures the agreement).
+
+The train transform stops before the scaling: it returns the crop's uint8 RGB pixels, which the
+loader workers batch and hand over (4x smaller than fp32 in host memory and over PCIe), and the
+trainer calls `normalize_pixels` on the device. Same fp32 arithmetic in the same order as the
+eval transform, so the result is bit-identical to normalising in the worker.
 """
 
 from __future__ import annotations
@@ -26,6 +31,31 @@ def to_normalised_tensor(image: Image.Image) -> torch.Tensor:
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
     tensor = torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W)
     return (tensor - _MEAN) / _STD
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """(H, W) RGB PIL image -> (3, H, W) uint8, its pixels unchanged (contiguous, writable)."""
+    array = np.array(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3), a copy
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (n, 3, S, S) on any device -> ((pixels / 255) - mean) / std in `dtype`.
+
+    Computed in fp32 on the tensor's own device, in the order `to_normalised_tensor` uses, so
+    the fp32 result is bit-identical to what a loader worker used to hand over. The divisors
+    are tensors on the device on purpose: CUDA divides by a CPU scalar as a multiplication by
+    its reciprocal, which can differ from the division by one ulp. In place after the first
+    cast: one fp32 copy of the batch at a time (plus the `dtype` copy when dtype is not fp32).
+    """
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"normalize_pixels: expected uint8 pixels, got {pixels.dtype}")
+    device = pixels.device
+    out = pixels.to(torch.float32)
+    out.div_(torch.tensor(255.0, dtype=torch.float32, device=device))
+    out.sub_(_MEAN.to(device))
+    out.div_(_STD.to(device))
+    return out.to(dtype)
 
 
 def _resize_short_side(image: Image.Image, size: int) -> Image.Image:
@@ -69,7 +99,8 @@ def train_transform(
     scale: tuple[float, float] = (0.9, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> Callable[[Image.Image, np.random.SeedSequence], torch.Tensor]:
-    """Random resized crop (bicubic) to S x S, then CLIP normalisation.
+    """Random resized crop (bicubic) to S x S, as uint8 (3, S, S) RGB pixels; the CLIP
+    normalisation is `normalize_pixels`, applied by the trainer on the device.
 
     The returned callable takes the image and a `SeedSequence` (see `sample_seed`); it never
     touches global RNG state, so worker processes and resumed runs agree bit for bit.
@@ -80,7 +111,7 @@ def train_transform(
         rng = np.random.default_rng(seed)
         box = _random_box(image.size, scale, ratio, rng)
         crop = image.resize((image_size, image_size), resample=Image.Resampling.BICUBIC, box=box)
-        return to_normalised_tensor(crop)
+        return to_uint8_tensor(crop)
 
     return apply
 

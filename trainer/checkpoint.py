@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainer.dist import collective_device
+
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -101,11 +103,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def weights_finite(engine) -> bool:
-    """Agreed by all ranks: every parameter this rank holds (its ZeRO-3 partition) is finite."""
-    local = all(
-        bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters()
-    )
-    flag = torch.tensor([float(local)])
+    """Agreed by all ranks: every parameter this rank holds (its ZeRO-3 partition) is finite.
+
+    The check stays on the parameters' device (one host sync, not one per tensor) and the flag
+    goes through the collective on the device the process group serves."""
+    held = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+    local = torch.stack([torch.isfinite(t).all() for t in held if t.numel()]).all()
+    flag = local.float().reshape(1).to(collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 

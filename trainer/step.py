@@ -15,30 +15,54 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from data.transforms import normalize_pixels
+from trainer.dist import collective_device
 from trainer.losses import Objective
 
 
 @dataclass
 class StepOutput:
-    loss: float
+    loss: float  # the full-batch loss: the mean of the ranks' shares (docs/disco.md)
     logit_scale: float
     applied: bool  # False when a non-finite loss made every rank skip the update
 
 
-def _all_finite(loss: torch.Tensor) -> bool:
-    """Every rank must take the same branch, so finiteness is agreed by all_reduce."""
-    flag = torch.tensor([float(torch.isfinite(loss).all())])
+def _agree_on_loss(loss: torch.Tensor) -> tuple[float, bool]:
+    """(full-batch loss, every rank's loss finite) in one collective on the device the process
+    group serves (NCCL cannot reduce CPU tensors). Every rank must take the same branch, and a
+    curve logged from rank 0's share alone would depend on the world size."""
+    stats = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float()])
+    stats = stats.to(collective_device())
+    world = 1
     if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+        dist.all_reduce(stats)  # [Σ loss_n, number of ranks with a non-finite loss]
+        world = dist.get_world_size()
+    total, nonfinite = stats.tolist()
+    return total / world, nonfinite == 0
 
 
 def _model_inputs(batch: dict[str, torch.Tensor], dtype: torch.dtype, device, rows=slice(None)):
+    """This step's tensors on the device. Loader batches carry uint8 images (a quarter of the
+    host memory and of the host-to-device copy); they are normalised here, on the device."""
+    pixels = batch["pixel_values"][rows].to(device, non_blocking=True)
+    pixels = normalize_pixels(pixels, dtype) if pixels.dtype == torch.uint8 else pixels.to(dtype)
     return (
-        batch["pixel_values"][rows].to(device=device, dtype=dtype),
-        batch["input_ids"][rows].to(device),
-        batch["attention_mask"][rows].to(device),
+        pixels,
+        batch["input_ids"][rows].to(device, non_blocking=True),
+        batch["attention_mask"][rows].to(device, non_blocking=True),
     )
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The generators dropout draws from: the CPU one, and the device's on CUDA."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None  # CUDA-only
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:  # CUDA-only: reached by tests/gpu (grad cache with dropout)
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def train_step(
@@ -47,36 +71,40 @@ def train_step(
     if chunks == 1:
         image, text, scale, bias = engine(*_model_inputs(batch, dtype, engine.device))
         loss = objective(image, text, scale, bias)
-        if not _all_finite(loss):
-            return StepOutput(loss.item(), scale.item(), applied=False)
-        engine.backward(loss)
-        engine.step()
-        return StepOutput(loss.item(), scale.item(), applied=True)
+        mean_loss, finite = _agree_on_loss(loss)
+        if finite:
+            engine.backward(loss)
+            engine.step()
+        return StepOutput(mean_loss, scale.item(), applied=finite)
     return _grad_cache_step(engine, batch, objective, chunks=chunks, dtype=dtype)
 
 
 def _grad_cache_step(engine, batch, objective: Objective, *, chunks: int, dtype) -> StepOutput:
     b = batch["input_ids"].shape[0]
     bounds = [slice(k * b // chunks, (k + 1) * b // chunks) for k in range(chunks)]
+    device = engine.device
 
     # 1. Features for the whole per-rank batch, without graphs; remember each chunk's RNG.
     rng_states, images, texts = [], [], []
     with torch.no_grad():
         for rows in bounds:
-            rng_states.append(torch.get_rng_state())
-            image, text, scale, bias = engine(*_model_inputs(batch, dtype, engine.device, rows))
+            rng_states.append(_rng_state(device))
+            image, text, scale, bias = engine(*_model_inputs(batch, dtype, device, rows))
             images.append(image)
             texts.append(text)
-    rng_after = torch.get_rng_state()
+    rng_after = _rng_state(device)
 
     # 2. Loss and dL/d(features, scale, bias) on all b rows (the contrastive batch is intact).
-    image = torch.cat(images).requires_grad_()  # (b, d)
-    text = torch.cat(texts).requires_grad_()  # (b, d)
-    scale_leaf = scale.detach().clone().requires_grad_()
-    bias_leaf = bias.detach().clone().requires_grad_() if bias is not None else None
+    #    The leaves are fp32 whatever the towers' dtype, so the cached gradients cannot
+    #    underflow in fp16 before DeepSpeed's loss scale multiplies them in step 3.
+    image = torch.cat(images).float().requires_grad_()  # (b, d)
+    text = torch.cat(texts).float().requires_grad_()  # (b, d)
+    scale_leaf = scale.detach().float().requires_grad_()
+    bias_leaf = bias.detach().float().requires_grad_() if bias is not None else None
     loss = objective(image, text, scale_leaf, bias_leaf)
-    if not _all_finite(loss):
-        return StepOutput(loss.item(), scale.item(), applied=False)
+    mean_loss, finite = _agree_on_loss(loss)
+    if not finite:
+        return StepOutput(mean_loss, scale.item(), applied=False)
     leaves = [image, text, scale_leaf] + ([bias_leaf] if bias_leaf is not None else [])
     grads = torch.autograd.grad(loss, leaves)
     grad_image, grad_text, grad_scale = grads[:3]
@@ -85,8 +113,8 @@ def _grad_cache_step(engine, batch, objective: Objective, *, chunks: int, dtype)
     #    surrogate Σ features·grad, whose gradient is exactly the cached one. DeepSpeed
     #    reduces gradients only at the accumulation boundary, i.e. after the last chunk.
     for k, rows in enumerate(bounds):
-        torch.set_rng_state(rng_states[k])
-        image_k, text_k, scale_k, bias_k = engine(*_model_inputs(batch, dtype, engine.device, rows))
+        _set_rng_state(rng_states[k], device)
+        image_k, text_k, scale_k, bias_k = engine(*_model_inputs(batch, dtype, device, rows))
         surrogate = (image_k * grad_image[rows]).sum() + (text_k * grad_text[rows]).sum()
         if k == 0:  # the scalar parameters' gradient is added exactly once
             surrogate = surrogate + (scale_k * grad_scale).sum()
@@ -94,6 +122,6 @@ def _grad_cache_step(engine, batch, objective: Objective, *, chunks: int, dtype)
                 surrogate = surrogate + (bias_k * grads[3]).sum()
         engine.set_gradient_accumulation_boundary(k == chunks - 1)
         engine.backward(surrogate, scale_wrt_gas=False)
-    torch.set_rng_state(rng_after)
+    _set_rng_state(rng_after, device)
     engine.step()
-    return StepOutput(loss.item(), scale.item(), applied=True)
+    return StepOutput(mean_loss, scale.item(), applied=True)

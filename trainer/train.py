@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from trainer.config import Config, load_config
 from trainer.config_io import ConfigError, dump_yaml
-from trainer.dist import DistInfo, read_dist_info
+from trainer.dist import DistInfo, collective_device, read_dist_info
 
 EXIT_CONFIG = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", which is what a requeue does
@@ -43,7 +43,7 @@ class StopRequest:
 
     def agreed(self) -> bool:
         """True on every rank as soon as any rank got a signal (ranks must stop together)."""
-        flag = torch.tensor([float(self.requested)])
+        flag = torch.tensor([float(self.requested)], device=collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -202,7 +202,11 @@ def run(args: argparse.Namespace) -> int:
     from trainer.checkpoint import CheckpointError
     from trainer.dist import init_distributed
 
-    init_distributed(info, cfg.dist)
+    try:
+        init_distributed(info, cfg.dist)
+    except ValueError as err:  # a launch that gives this rank no usable GPU (trainer/dist.py)
+        print(f"disco-clip: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         return train(cfg, info, run_dir)
     except ConfigError as err:
@@ -238,11 +242,26 @@ def run(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
+# What "another rank died or hung" looks like, by backend: gloo and the TCP store see a closed
+# or reset socket or a timeout; NCCL reports a remote error, and its watchdog a timed-out or
+# aborted collective.
+LOST_PEER_WORDS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out",
+    "remote process exiting",  # ncclRemoteError
+    "ncclRemoteError",
+    "Watchdog caught collective operation timeout",
+    "NCCL communicator was aborted",
+    "Heartbeat monitor timed out",
+)
+
+
 def lost_peer(err: BaseException) -> str:
-    """gloo's and the store's wordings for "another rank died" (a closed or reset socket, a
-    collective that timed out), or "" for any other error."""
-    words = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out")
-    found = [w for w in words if w in str(err)]
+    """The wording of "another rank died" found in `err` (gloo's, the store's, NCCL's and its
+    watchdog's), or "" for any other error."""
+    found = [w for w in LOST_PEER_WORDS if w in str(err)]
     if found:
         return found[0]
     return type(err).__name__ if isinstance(err, dist.DistBackendError) else ""

@@ -20,7 +20,7 @@ def test_every_rank_yields_exactly_b_with_the_right_shapes(synthetic_dir):
         it = loader(cfg, rank=rank, world_size=3, batch=16)
         for batch in take(it, 7):
             assert batch["pixel_values"].shape == (16, 3, 16, 16)
-            assert batch["pixel_values"].dtype == torch.float32
+            assert batch["pixel_values"].dtype == torch.uint8
             assert batch["input_ids"].shape == batch["attention_mask"].shape == (16, 16)
             assert batch["input_ids"].dtype == torch.long
         assert it.state_dict()["positions"][0][0] == 1  # rolled into epoch 1 by itself
@@ -116,3 +116,15 @@ def test_pipe_urls_refused_unless_allowed(synthetic_dir):
         )
     allowed = wds_config(url, allow_pipe=True)
     assert take(loader(allowed, batch=4), 1)[0]["pixel_values"].shape == (4, 3, 16, 16)
+
+
+def test_worker_processes_hand_over_uint8_pinned_only_with_cuda(synthetic_dir):
+    """The process path hands over uint8 too; pinned exactly when CUDA is available (so on a
+    CPU machine this checks only that nothing is pinned: the pinned path needs a GPU)."""
+    it = loader(wds_config(synthetic_dir / "train", workers=2), batch=4)
+    batch = next(it)
+    assert batch["pixel_values"].dtype == torch.uint8
+    assert batch["pixel_values"].shape == (4, 3, 16, 16)
+    assert it._iter._pin_memory == torch.cuda.is_available()  # the DataLoader's iterator
+    assert batch["pixel_values"].is_pinned() == torch.cuda.is_available()
+    it.close()

@@ -1,4 +1,5 @@
-"""Eval transform == CLIPImageProcessor; train transform reproducible from its seed."""
+"""Eval transform == CLIPImageProcessor; train transform reproducible from its seed; the uint8
+hand-over normalised by `normalize_pixels` is bit-identical to the old fp32 worker path."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessor
 
-from data.transforms import eval_transform, sample_seed, train_transform
+from data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    _random_box,
+    eval_transform,
+    normalize_pixels,
+    sample_seed,
+    train_transform,
+)
 
 
 def _image(width, height, seed=0):
@@ -39,11 +48,80 @@ def test_train_transform_is_a_function_of_its_seed():
     a = transform(image, sample_seed(0, 1, "000000.tar/000000007"))
     b = transform(image, sample_seed(0, 1, "000000.tar/000000007"))
     c = transform(image, sample_seed(0, 2, "000000.tar/000000007"))
-    assert a.shape == (3, 32, 32)
+    assert a.shape == (3, 32, 32) and a.dtype == torch.uint8
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_full_scale_train_crop_is_plain_resize_for_square_input():
     image = _image(32, 32)
     out = train_transform(32, scale=(1.0, 1.0), ratio=(1.0, 1.0))(image, sample_seed(0, 0, "k"))
-    assert torch.equal(out, eval_transform(32)(image))
+    assert torch.equal(normalize_pixels(out[None], torch.float32)[0], eval_transform(32)(image))
+
+
+# The reference: how a loader worker computed pixel_values before the uint8 hand-over (the
+# old data/transforms.py, kept here verbatim).
+_OLD_MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
+_OLD_STD = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
+
+
+def _old_to_normalised_tensor(image: Image.Image) -> torch.Tensor:
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    tensor = torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W)
+    return (tensor - _OLD_MEAN) / _OLD_STD
+
+
+def _old_train_transform(image_size, scale, ratio=(3 / 4, 4 / 3)):
+    def apply(image, seed):
+        image = image.convert("RGB")
+        rng = np.random.default_rng(seed)
+        box = _random_box(image.size, scale, ratio, rng)
+        crop = image.resize((image_size, image_size), resample=Image.Resampling.BICUBIC, box=box)
+        return _old_to_normalised_tensor(crop)
+
+    return apply
+
+
+def test_normalize_pixels_equals_the_old_worker_float_path_bit_for_bit():
+    size, scale = 32, (0.5, 1.0)
+    images = [_image(64, 48, 1), _image(40, 70, 2), _image(32, 32, 3), _image(300, 200, 4)]
+    seeds = [sample_seed(0, e, f"000000.tar/{i:09d}") for i, e in enumerate((0, 0, 1, 3))]
+    new = train_transform(size, scale)
+    old = _old_train_transform(size, scale)
+    pixels = torch.stack([new(im, sd) for im, sd in zip(images, seeds, strict=True)])
+    expected = torch.stack([old(im, sd) for im, sd in zip(images, seeds, strict=True)])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (4, 3, size, size)
+    got = normalize_pixels(pixels, torch.float32)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.equal(got, expected)  # bit-identical, not just close
+    assert torch.equal(normalize_pixels(pixels, torch.bfloat16), expected.to(torch.bfloat16))
+
+
+def _all_values() -> torch.Tensor:
+    """(2, 3, 16, 16) uint8 holding every value 0..255 in every channel."""
+    values = torch.arange(256, dtype=torch.uint8).view(16, 16)
+    return torch.stack([values.expand(3, 16, 16), values.flip(0).expand(3, 16, 16)])
+
+
+def test_normalize_pixels_is_exact_for_every_uint8_value():
+    pixels = _all_values()
+    expected = torch.stack(
+        [_old_to_normalised_tensor(Image.fromarray(p.permute(1, 2, 0).numpy())) for p in pixels]
+    )
+    before = pixels.clone()
+    assert torch.equal(normalize_pixels(pixels, torch.float32), expected)
+    assert torch.equal(pixels, before)  # the input is not modified
+
+
+def test_normalize_pixels_refuses_float_input():
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_pixels(torch.zeros(1, 3, 4, 4), torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on CPU CI)")
+def test_normalize_pixels_on_cuda_equals_cpu_bit_for_bit():
+    pixels = _all_values()
+    cpu = normalize_pixels(pixels, torch.float32)
+    gpu = normalize_pixels(pixels.cuda(), torch.float32)
+    assert gpu.device.type == "cuda"
+    assert torch.equal(gpu.cpu(), cpu)
+    assert torch.equal(normalize_pixels(pixels.cuda(), torch.bfloat16).cpu(), cpu.bfloat16())

@@ -4,6 +4,7 @@ The paper's settings (DisCo-CLIP, CVPR 2023) are reproduced with mixed precision
 activation checkpointing: without checkpointing the planner says ViT-B/32's activations at
 b = 4096 per GPU alone exceed 40 GB, so the 32K-on-8-GPUs run must have recomputed them.
 Both ZeRO-2 (our default) and stage 0 (the paper's plain data parallelism) are checked.
+Host memory: at the shipped vit_b32_laion.yaml the loader's uint8 hand-over fits a node.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ import pytest
 import torch
 
 from trainer import cli
+from trainer.config_io import read_yaml
 from trainer.plan.activations import activation_bytes, input_bytes
 from trainer.plan.planner import (
+    LOADER_PREFETCH_FACTOR,
     PlanSpec,
     fits,
+    host_plan,
     largest_batch,
+    loader_batch_bytes,
     model_shape,
     parse_memory,
     plan,
@@ -152,3 +157,63 @@ def test_cli_prints_breakdown_and_largest_batch(capsys) -> None:
     for word in ("parameters", "gradients", "optimizer", "activations", "loss", "DOES NOT FIT"):
         assert word in out
     assert "largest global batch that fits:" in out
+
+
+def _shipped_laion_spec() -> PlanSpec:
+    """PlanSpec from trainer/configs/vit_b32_laion.yaml on 8 GPUs (b = 4096 per rank)."""
+    tree = read_yaml("trainer/configs/vit_b32_laion.yaml")
+    data = tree["data"]
+    return replace(PAPER, batch=tree["train"]["global_batch_size"], model=tree["model"]["preset"],
+                   image_size=data["image_size"], workers=data["workers"],
+                   shuffle_buffer=data["shuffle_buffer"], context_length=data["context_length"])  # fmt: skip
+
+
+def test_planner_prefetch_factor_is_the_loaders() -> None:
+    from data.loader import PREFETCH_FACTOR
+
+    assert LOADER_PREFETCH_FACTOR == PREFETCH_FACTOR
+
+
+def test_host_memory_at_shipped_laion_settings_fits_and_uint8_is_4x_smaller() -> None:
+    spec = _shipped_laion_spec()
+    b, size, workers = spec.batch // spec.gpus, spec.image_size, spec.workers
+    assert (b, size, workers, spec.shuffle_buffer) == (4096, 224, 8, 5000)
+    host = host_plan(spec)
+    assert host.per_rank < 64 * 2**30
+    assert host.per_node == 8 * host.per_rank
+    # The uint8 pixels as handed over: workers × prefetch × b × 3 × S × S bytes (+ the tokens).
+    pixels = workers * LOADER_PREFETCH_FACTOR * b * 3 * size * size
+    assert host.prefetched == pixels + workers * LOADER_PREFETCH_FACTOR * 2 * b * 77 * 8
+    # The old fp32 hand-over, same formula with 4 bytes per pixel: ~39 GB prefetched alone.
+    old = workers * LOADER_PREFETCH_FACTOR * loader_batch_bytes(b, size, 77, pixel_bytes=4)
+    assert old == host_plan(spec, pixel_bytes=4).prefetched
+    assert 39e9 < old < 40e9
+    assert old / host.prefetched == pytest.approx(4, rel=0.01)
+    assert host_plan(spec, pixel_bytes=4).per_rank > 3 * host.per_rank  # shuffle is unchanged
+
+
+def test_host_memory_components_follow_their_settings() -> None:
+    spec = _shipped_laion_spec()
+    host = host_plan(spec)
+    assert host_plan(replace(spec, sample_bytes=2 * spec.sample_bytes)).shuffle == 2 * host.shuffle
+    assert host_plan(replace(spec, workers=4)).prefetched == host.prefetched // 2
+    assert host_plan(replace(spec, gpus_per_node=4)).per_node == 4 * host.per_rank
+    in_process = host_plan(replace(spec, workers=0))  # one logical worker, no DataLoader
+    assert in_process.prefetched == 0 and in_process.stacking == host.batch
+    assert host.pinned == host.batch
+
+
+def test_image_size_flag_changes_the_model_too() -> None:
+    default = plan(replace(PAPER, image_size=0))
+    assert plan(replace(PAPER, image_size=224)) == default
+    assert plan(replace(PAPER, image_size=288)).activations > default.activations
+    assert host_plan(replace(PAPER, image_size=288)).batch > host_plan(PAPER).batch
+
+
+def test_cli_prints_host_memory_per_rank_and_per_node(capsys) -> None:
+    argv = ["plan", "--grad-checkpointing", "--gpus-per-node", "4", "--sample-bytes", "65536"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "host memory per rank" in out and "per node" in out
+    assert "4 GPUs per node" in out and "64 KiB" in out
+    assert cli.main(["plan", "--workers", "-1"]) == 2

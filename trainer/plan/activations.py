@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _INT64 = 8
+_UINT8 = 1
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,10 @@ def activation_bytes(t: TowerShape, rows: int, *, dtype: int, checkpointing: boo
 
 
 def input_bytes(t: TowerShape, rows: int, *, dtype: int) -> int:
-    """The input batch on the device: fp32 pixels (+ their 16-bit cast, which the patch
-    convolution saves, under mixed precision) or int64 ids and mask."""
+    """The input batch on the device: int64 ids and mask, or the loader's uint8 pixels (1 byte)
+    and their normalisation (data.transforms.normalize_pixels) in the activation dtype, which
+    the patch convolution saves. The fp32 intermediate of the normalisation is freed before
+    the forward, so it is not live at the peak."""
     if not t.is_vision:
         return rows * t.input_elements * _INT64
-    return rows * t.input_elements * (4 + (dtype if dtype != 4 else 0))
+    return rows * t.input_elements * (_UINT8 + dtype)

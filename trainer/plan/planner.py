@@ -1,4 +1,5 @@
-"""`disco-clip plan`: per-rank GPU memory of a CLIP run, and the largest global batch that fits.
+"""`disco-clip plan`: per-rank GPU memory of a CLIP run, the largest global batch that fits, and
+the host memory the input pipeline needs per rank and per node.
 
 An analytic model, checked on this machine by bench/plan_vs_measured.py (tiny model, measured
 peak tensor bytes). Per rank, in bytes, with P parameters, N ranks, b = B/N:
@@ -26,6 +27,24 @@ loss runs between the graph-free encode and the re-encode — the re-encode of b
 beside the cached features. Counting all gradients at the peak over-estimates by at most
 one gradient copy. It must fit in gpu_memory ×
 usable_fraction (default 0.9: the CUDA context, NCCL buffers and allocator fragmentation).
+
+Host memory per rank (host_plan), in bytes, with W loader workers (data.workers), batch bytes
+β = b·3·S² (uint8 pixels: data/loader.py hands them over unnormalised) + 2·b·L·8 (int64 ids
+and mask):
+
+- prefetched: W × PREFETCH_FACTOR × β, the batches the DataLoader keeps in flight (in shared
+  or pinned memory; data/loader.py's PREFETCH_FACTOR);
+- stacking: W × β, each worker's list of crops while torch.stack copies it into the batch (an
+  upper bound: all workers stacking at once);
+- shuffle buffers: W × shuffle_buffer × sample_bytes, the undecoded samples (jpg + txt +
+  json) each worker's shuffle buffer holds; sample_bytes is an assumption, 40 KiB by default
+  (the order of img2dataset's 256 px LAION JPEGs; not measured here: measure your shards
+  and pass --sample-bytes);
+- pinned: β, the batch the trainer holds in page-locked memory while it copies it to the GPU.
+
+Not counted: the processes themselves (Python, torch and the tokenizer in W + 1 processes,
+some hundred MB each), DeepSpeed's host-side buffers, the page cache. Per node = per rank ×
+GPUs per node. The old fp32 hand-over (pixel_bytes=4) needed 4× the pixel terms.
 """
 
 from __future__ import annotations
@@ -44,6 +63,11 @@ NAIVE_BLOCKS = 5  # B×B fp32 blocks at the naive loss's peak (bench/loss_bench.
 DISCO_BLOCKS = 6  # b×B fp32 blocks at the DisCo loss's peak (same bench)
 TILED_ROW_BUFFERS = 2  # b×d fp32 buffers beside the tile in the tiled loss
 OPENAI_CLIP_VOCAB = 49408
+# = data.loader.PREFETCH_FACTOR (tests/unit/test_plan.py checks they agree); not imported,
+# because data.loader pulls in transformers and `disco-clip plan` must start fast.
+LOADER_PREFETCH_FACTOR = 2
+SAMPLE_BYTES = 40 * 2**10  # assumed mean undecoded LAION sample (jpg + txt + json)
+PIXEL_BYTES = 1  # uint8 pixels from the loader (the old fp32 hand-over: 4)
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -79,6 +103,16 @@ class PlanSpec:
     """Share of gpu_memory that tensors may use (the rest: CUDA context, fragmentation)."""
     reduce_bucket: int | None = None
     """ZeRO gradient bucket in elements; None reads ds_configs/zero{zero}.json."""
+    image_size: int = 0
+    """Input resolution S; 0 keeps the preset's (vit_b32: 224), like model.image_size."""
+    workers: int = 8
+    """Loader worker processes per rank (data.workers; vit_b32_laion.yaml: 8)."""
+    shuffle_buffer: int = 5000
+    """Samples in each worker's shuffle buffer (data.shuffle_buffer; vit_b32_laion.yaml: 5000)."""
+    sample_bytes: int = SAMPLE_BYTES
+    """Assumed mean undecoded sample in a shuffle buffer (40 KiB: LAION at 256 px)."""
+    gpus_per_node: int = 8
+    """Ranks per node, for the host memory per node."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +123,8 @@ class ModelShape:
     """Parameters below ZeRO-3's persistence threshold: never sharded."""
     towers: tuple[TowerShape, ...]
     embed_dim: int
+    image_size: int
+    """Input resolution S of the vision tower."""
 
 
 @dataclass(frozen=True)
@@ -126,14 +162,18 @@ def parse_memory(text: str) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def model_shape(model: str, context_length: int, vocab_size: int) -> ModelShape:
-    """Count the preset's parameters exactly by building it on the meta device (no memory)."""
+def model_shape(
+    model: str, context_length: int, vocab_size: int, image_size: int = 0
+) -> ModelShape:
+    """Count the preset's parameters exactly by building it on the meta device (no memory);
+    `image_size` 0 keeps the preset's resolution."""
     import torch
 
     from trainer.model import ModelConfig, TokenIds, TrainableCLIP, build_clip_config
 
     tokens = TokenIds(vocab_size=vocab_size, bos=vocab_size - 2, eos=vocab_size - 1, pad=0)
-    config = build_clip_config(ModelConfig(preset=model), tokens, context_length)
+    model_cfg = ModelConfig(preset=model, image_size=image_size)
+    config = build_clip_config(model_cfg, tokens, context_length)
     with torch.device("meta"):
         clip = TrainableCLIP(config)
     threshold = _ds_zero_section(3).get("stage3_param_persistence_threshold", 100_000)
@@ -160,6 +200,7 @@ def model_shape(model: str, context_length: int, vocab_size: int) -> ModelShape:
             ),
         ),
         embed_dim=config.projection_dim,
+        image_size=vision.image_size,
     )
 
 
@@ -210,9 +251,13 @@ def loss_bytes(loss: str, *, batch: int, gpus: int, embed_dim: int, feat_bytes: 
     return b * min(tile, batch) * 4 + TILED_ROW_BUFFERS * b * embed_dim * 4 + gathered
 
 
+def _shape(spec: PlanSpec) -> ModelShape:
+    return model_shape(spec.model, spec.context_length, spec.vocab_size, spec.image_size)
+
+
 def plan(spec: PlanSpec) -> Breakdown:
     """The per-rank memory breakdown of `spec`."""
-    shape = model_shape(spec.model, spec.context_length, spec.vocab_size)
+    shape = _shape(spec)
     parameters, gradients, optimizer = state_bytes(shape, spec)
     b = spec.batch // spec.gpus
     dtype = PRECISION_BYTES[spec.precision]
@@ -242,6 +287,49 @@ def plan(spec: PlanSpec) -> Breakdown:
             tile=spec.tile,
         ),
         live_during_loss=live_during_loss,
+    )
+
+
+@dataclass(frozen=True)
+class HostBreakdown:
+    """Host bytes of one rank's input pipeline by component (module docstring)."""
+
+    batch: int
+    """One batch as the loader hands it over: pixels + token ids and mask."""
+    prefetched: int
+    stacking: int
+    shuffle: int
+    pinned: int
+    gpus_per_node: int
+
+    @property
+    def per_rank(self) -> int:
+        return self.prefetched + self.stacking + self.shuffle + self.pinned
+
+    @property
+    def per_node(self) -> int:
+        return self.per_rank * self.gpus_per_node
+
+
+def loader_batch_bytes(
+    b: int, image_size: int, context_length: int, pixel_bytes: int = PIXEL_BYTES
+) -> int:
+    """Bytes of one loader batch: (b, 3, S, S) pixels + int64 input_ids and attention_mask."""
+    return b * 3 * image_size**2 * pixel_bytes + 2 * b * context_length * 8
+
+
+def host_plan(spec: PlanSpec, *, pixel_bytes: int = PIXEL_BYTES) -> HostBreakdown:
+    """Host memory of one rank's loader (module docstring); `pixel_bytes` 4 = the old fp32."""
+    b = spec.batch // spec.gpus
+    batch = loader_batch_bytes(b, _shape(spec).image_size, spec.context_length, pixel_bytes)
+    streams = max(1, spec.workers)  # workers 0: one logical worker in the training process
+    return HostBreakdown(
+        batch=batch,
+        prefetched=spec.workers * LOADER_PREFETCH_FACTOR * batch,
+        stacking=streams * batch,
+        shuffle=streams * spec.shuffle_buffer * spec.sample_bytes,
+        pinned=batch,
+        gpus_per_node=spec.gpus_per_node,
     )
 
 
@@ -276,8 +364,9 @@ def _gib(n: int) -> str:
 
 def format_report(spec: PlanSpec) -> str:
     """The breakdown, the verdict, the largest batch and the assumptions, as printed."""
-    shape = model_shape(spec.model, spec.context_length, spec.vocab_size)
+    shape = _shape(spec)
     br = plan(spec)
+    host = host_plan(spec)
     b = spec.batch // spec.gpus
     extras = f", grad-cache K={spec.grad_cache}" if spec.grad_cache > 1 else ""
     extras += ", activation checkpointing" if spec.checkpointing else ""
@@ -294,11 +383,23 @@ def format_report(spec: PlanSpec) -> str:
         f"  total        {_gib(br.total)}  of {_gib(budget(spec))} usable "
         f"({spec.usable_fraction:.0%}): {'FITS' if fits(spec) else 'DOES NOT FIT'}",
         f"  largest global batch that fits: {largest_batch(spec)}",
+        f"host memory per rank {_gib(host.per_rank)}  (loader, S={shape.image_size}, "
+        f"{spec.workers} workers, batch {host.batch / 2**30:.2f} GiB uint8)",
+        f"  prefetched   {_gib(host.prefetched)}  "
+        f"({spec.workers} workers × {LOADER_PREFETCH_FACTOR} batches)",
+        f"  stacking     {_gib(host.stacking)}  (one batch of crops per worker)",
+        f"  shuffle      {_gib(host.shuffle)}  ({spec.shuffle_buffer} samples × "
+        f"{spec.sample_bytes / 2**10:g} KiB per worker)",
+        f"  pinned       {_gib(host.pinned)}  (the batch being copied to the GPU)",
+        f"  per node     {_gib(host.per_node)}  ({spec.gpus_per_node} GPUs per node)",
         "assumptions: AdamW; mixed precision = 16-bit weights, gradients and activations "
         "with fp32 master and moments; sdpa attention (no s×s matrix kept); loss in fp32; "
         "ZeRO buckets from ds_configs; peak in the loss backward (or, with grad-cache, the "
         "larger of the loss and the re-encode); "
-        f"{1 - spec.usable_fraction:.0%} of memory kept for CUDA context and fragmentation.",
+        f"{1 - spec.usable_fraction:.0%} of memory kept for CUDA context and fragmentation; "
+        "host: uint8 pixels normalised on the GPU, an assumed "
+        f"{spec.sample_bytes / 2**10:g} KiB per undecoded sample, processes themselves not "
+        "counted.",
     ]
     return "\n".join(lines)
 
@@ -318,6 +419,10 @@ def _spec_from_args(args: argparse.Namespace) -> PlanSpec:
             f"--grad-cache {args.grad_cache} does not divide the per-GPU batch "
             f"{args.batch // args.gpus}"
         )
+    if args.image_size < 0 or args.workers < 0 or args.shuffle_buffer < 0:
+        raise ValueError("--image-size, --workers and --shuffle-buffer must be >= 0")
+    if args.gpus_per_node < 1 or args.sample_bytes < 0:
+        raise ValueError("--gpus-per-node must be >= 1 and --sample-bytes >= 0")
     if not 0 < args.usable_fraction <= 1:
         raise ValueError(f"--usable-fraction must be in (0, 1], got {args.usable_fraction}")
     return PlanSpec(
@@ -333,6 +438,11 @@ def _spec_from_args(args: argparse.Namespace) -> PlanSpec:
         tile=args.tile,
         context_length=args.context_length,
         usable_fraction=args.usable_fraction,
+        image_size=args.image_size,
+        workers=args.workers,
+        shuffle_buffer=args.shuffle_buffer,
+        sample_bytes=args.sample_bytes,
+        gpus_per_node=args.gpus_per_node,
     )
 
 
@@ -360,4 +470,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tile", type=int, default=512, help="tile columns of the tiled loss")
     p.add_argument("--context-length", type=int, default=77, help="text tokens per sample")
     p.add_argument("--usable-fraction", type=float, default=0.9, help="of --gpu-memory")
+    p.add_argument("--image-size", type=int, default=0, help="input side S (0: preset's, 224)")
+    p.add_argument("--workers", type=int, default=8, help="loader workers per rank")
+    p.add_argument("--shuffle-buffer", type=int, default=5000, help="samples per worker buffer")
+    p.add_argument(
+        "--sample-bytes",
+        type=int,
+        default=SAMPLE_BYTES,
+        help="assumed mean undecoded sample in a shuffle buffer (default 40 KiB: LAION)",
+    )
+    p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node (host memory)")
     p.set_defaults(func=_run)
