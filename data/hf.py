@@ -88,12 +88,12 @@ class HFSource:
             image = image.get("bytes")
         elif isinstance(image, str):
             image = Path(image).read_bytes()
-        return RawSample(
-            shard=f"{self.path}[{self.split}]",
-            key=str(index),
-            image=image if isinstance(image, bytes) else None,
-            text=text.encode("utf-8") if isinstance(text, str) else None,
-        )
+        members = {}
+        if isinstance(image, bytes):
+            members["jpg"] = image  # the decoder reads any format PIL knows, whatever the name
+        if isinstance(text, str):
+            members["txt"] = text.encode("utf-8")
+        return RawSample(shard=f"{self.path}[{self.split}]", key=str(index), members=members)
 
 
 def _open(path: str, split: str, streaming: bool):

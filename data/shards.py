@@ -11,7 +11,7 @@ import contextlib
 import io
 import tarfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,15 +25,31 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 class RawSample:
     """One sample as stored: where it came from and its undecoded members.
 
-    `error` is set for a sample that cannot be used whatever happens next (a truncated tar);
-    the loader skips and counts it at the position where it would have been yielded."""
+    `members` maps each member's extension ("jpg", "txt", "json", "seg.png", ...) to its bytes;
+    which of them is the image and which the caption is the decoder's choice (data/decode.py).
+    `ref` says where to read the sample again (a source-specific small list: for tar shards
+    [shard index, byte offset]; None where the source cannot seek). `error` is set for a
+    sample that cannot be used whatever happens next (a truncated tar); the loader skips and
+    counts it."""
 
     shard: str
     key: str
-    image: bytes | None = None
-    text: bytes | None = None
-    meta: bytes | None = None
+    members: dict[str, bytes] = field(default_factory=dict)
     error: str | None = None
+    ref: list | None = None
+
+    @property
+    def image(self) -> bytes | None:
+        """The first member with an image extension, in IMAGE_EXTS order."""
+        return next((self.members[e] for e in IMAGE_EXTS if e in self.members), None)
+
+    @property
+    def text(self) -> bytes | None:
+        return self.members.get("txt")
+
+    @property
+    def meta(self) -> bytes | None:
+        return self.members.get("json")
 
 
 def expand_shards(spec: str, *, allow_pipe: bool = False) -> list[str]:
@@ -88,12 +104,7 @@ def read_shard(url: str, *, allow_pipe: bool = False) -> Iterator[RawSample]:
                     current = None
                 if current is None:
                     current = RawSample(shard=url, key=key)
-                if ext in IMAGE_EXTS and current.image is None:
-                    current.image = data
-                elif ext == "txt":
-                    current.text = data
-                elif ext == "json":
-                    current.meta = data
+                current.members.setdefault(ext, data)
         stream.close()  # for a pipe: URL this raises if the command failed
     except (tarfile.TarError, OSError, EOFError) as exc:
         # The half-read sample is dropped with the rest of the shard: it may be incomplete.

@@ -9,7 +9,6 @@ skipped so far); starting a worker from it gives exactly the batches that would 
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 from collections.abc import Iterator
@@ -19,8 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
+from data.decode import decode
 from data.shards import RawSample
 from data.tokenizer import tokenize
 from data.transforms import sample_seed, train_transform
@@ -83,25 +82,6 @@ def epoch_stream(spec: StreamSpec, worker: int, epoch: int, skip: int) -> Iterat
     rng = np.random.default_rng([spec.seed, epoch, spec.rank, worker, spec.workers, 2])
     stream = shuffled(spec.source.epoch_samples(*args), spec.shuffle_buffer, rng)
     return itertools.islice(stream, skip, None)
-
-
-def decode(sample: RawSample) -> tuple[Image.Image, str]:
-    """Image and caption of a raw sample; raises ValueError saying what is wrong."""
-    if sample.error:
-        raise ValueError(sample.error)
-    if sample.image is None:
-        raise ValueError("no image")
-    if sample.text is None:
-        raise ValueError("no caption")
-    text = sample.text.decode("utf-8").strip()
-    if not text:
-        raise ValueError("empty caption")
-    try:
-        image = Image.open(io.BytesIO(sample.image))
-        image.load()
-        return image.convert("RGB"), text
-    except Exception as exc:  # PIL raises many types for bad bytes
-        raise ValueError(f"undecodable image ({type(exc).__name__}: {exc})") from exc
 
 
 def worker_batches(
