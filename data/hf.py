@@ -2,14 +2,16 @@
 
 Images are read undecoded (`Image(decode=False)`) so that shuffling, skipping and resuming never
 pay for decoding; the loader decodes only what it yields. Non-streaming: each epoch is a seeded
-permutation of row indices split rank-then-worker, so a resume jumps straight to its row.
-Streaming: rows are dealt round-robin to the (rank, worker) slots in stream order, and the
-loader's shuffle buffer mixes them; a resume replays the stream (reading, not decoding).
+permutation of row indices dealt to the S logical streams, so a resume jumps straight to its
+row. Streaming: each stream reads its own files of the dataset (so the streams together read it
+once), and its shuffle buffer mixes them; a resume replays the stream's epoch (reading, not
+decoding).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from data.shards import RawSample
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,18 +35,29 @@ class HFSource:
 
     @property
     def presorted(self) -> bool:
-        # Non-streaming epochs are already a random permutation: no buffer, direct skips.
+        # Non-streaming epochs are already a random permutation: no buffer, direct jumps.
         return not self.streaming
 
-    def max_workers(self, world_size: int) -> int:
+    @property
+    def seekable(self) -> bool:
+        return not self.streaming
+
+    def check_streams(self, streams: int) -> None:
+        ds = self.dataset()
         if self.streaming:
-            return 1 << 30  # rows are dealt one by one: any worker count gets rows
-        rows = len(self.dataset())
-        if rows < world_size:
+            files = ds.num_shards
+            if files < streams:
+                log.warning(
+                    "hf_path: the streaming dataset has %d file(s) for data.streams=%d: every "
+                    "stream reads all of it and keeps its share (%d× the reading); give it at "
+                    "least as many files as streams, or set data.hf_streaming=false",
+                    files, streams, streams,
+                )  # fmt: skip
+            return
+        elif len(ds) < streams:
             raise ValueError(
-                f"hf_path: {rows} rows for {world_size} ranks; need at least one per rank"
+                f"hf_path: {len(ds)} rows for data.streams={streams}; need one per stream"
             )
-        return max(1, rows // world_size)
 
     @functools.cache  # noqa: B019 -- one open dataset per process; the source lives for the run
     def dataset(self):
@@ -59,28 +74,37 @@ class HFSource:
             ds = ds.cast_column(self.image_column, Image(decode=False))
         return ds
 
-    def epoch_samples(
-        self, epoch: int, rank: int, world_size: int, worker: int, workers: int, skip: int = 0
-    ) -> Iterator[RawSample]:
+    def stream_samples(
+        self, epoch: int, stream: int, streams: int, cursor: list | None
+    ) -> Iterator[tuple[RawSample, list]]:
+        """(raw sample, cursor after it) of `stream` in `epoch`. Non-streaming: the stream's
+        rows are every S-th row of the epoch's permutation and the cursor is the position among
+        them. Streaming: the stream reads its own files (`IterableDataset.shard`), so the
+        streams together read the dataset once per epoch; the cursor only counts."""
         ds = self.dataset()
         if self.streaming:
-            slot, slots = rank * workers + worker, world_size * workers
-            for index, row in enumerate(ds):
-                if index % slots == slot:
-                    yield self._raw(index, row)
+            if ds.num_shards >= streams:  # its own files
+                rows = enumerate(ds.shard(num_shards=streams, index=stream))
+            else:  # fewer files than streams: every S-th row of the whole stream
+                rows = ((i, r) for i, r in enumerate(ds) if i % streams == stream)
+            for index, (_, row) in enumerate(rows):
+                yield self._raw(f"{stream}.{index}", row), [index + 1]
             return
         n = len(ds)
         if self.resampled:
-            rng = np.random.default_rng([self.seed, epoch, rank, worker, 1])
-            mine = rng.integers(0, n, size=max(1, n // (world_size * workers)))
+            rng = np.random.default_rng([self.seed, epoch, stream, 1])
+            rows = rng.integers(0, n, size=max(1, n // streams))
         else:
-            mine = np.random.default_rng([self.seed, epoch]).permutation(n)[rank::world_size][
-                worker::workers
-            ]
-        for index in mine[skip:]:
-            yield self._raw(int(index), ds[int(index)])
+            rows = np.random.default_rng([self.seed, epoch]).permutation(n)[stream::streams]
+        start = cursor[0] if cursor else 0
+        for position in range(start, len(rows)):
+            index = int(rows[position])
+            yield self._raw(str(index), ds[index]), [position + 1]
 
-    def _raw(self, index: int, row: dict) -> RawSample:
+    def fetch(self, refs: list) -> list[RawSample]:
+        raise NotImplementedError("presorted or non-seekable: nothing is ever fetched")
+
+    def _raw(self, key: str, row: dict) -> RawSample:
         image, text = row.get(self.image_column), row.get(self.text_column)
         if isinstance(image, dict):  # an undecoded Image feature: bytes, or a path to read
             if image.get("bytes") is None and image.get("path"):
@@ -93,7 +117,7 @@ class HFSource:
             members["jpg"] = image  # the decoder reads any format PIL knows, whatever the name
         if isinstance(text, str):
             members["txt"] = text.encode("utf-8")
-        return RawSample(shard=f"{self.path}[{self.split}]", key=str(index), members=members)
+        return RawSample(shard=f"{self.path}[{self.split}]", key=key, members=members)
 
 
 def _open(path: str, split: str, streaming: bool):
@@ -104,7 +128,8 @@ def _open(path: str, split: str, streaming: bool):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[split]
-        return ds.to_iterable_dataset() if streaming else ds
+        # Streaming a saved dataset: cut it into row ranges so that streams get their own.
+        return ds.to_iterable_dataset(num_shards=min(len(ds), 64)) if streaming else ds
     if root.suffix == ".parquet" or (root.is_dir() and any(root.rglob("*.parquet"))):
         files = [path] if root.is_file() else sorted(str(p) for p in root.rglob("*.parquet"))
         return datasets.load_dataset(

@@ -1,25 +1,24 @@
 """`build_train_loader`: this rank's infinite stream of exactly-b batches, with exact resume.
 
-Order. Logical worker w of W reads its own shards/rows (see wds_source.py, hf.py) and emits
-whole batches; batch n of the rank comes from worker n mod W. With `workers > 0` each logical
-worker is a DataLoader process, whose round-robin fetching produces exactly that interleaving;
-with `workers = 0` the one logical worker runs in-process (same order as `workers = 1`). Each
-worker rolls into its next epoch by itself, and so does each rank: ranks never need to agree
-on steps per epoch because the loader never ends. The order depends on (seed, world size,
-workers), so resume needs the same three.
+Order (docs/data_order.md). Global batch t is B/S consecutive samples of each of the run's S
+logical streams (data/stream.py). This rank hosts streams r, r+N, r+2N, ...; with `workers > 0`
+each DataLoader process hosts every W-th of those and yields one chunk set per step, so the
+loader's round-robin gives the main process one item from every worker per step, which it
+concatenates in stream order. With `workers = 0` all the rank's streams run in-process. Neither
+N nor W changes which samples make up a global batch.
 
-Resume. The state is the number of batches yielded plus each worker's position after its last
-batch (epoch, raw samples taken in that epoch, bad samples skipped). Restoring restarts each
-worker at its position: a non-streaming HF source jumps to the row; tar shards and HF streams
-replay the epoch up to the offset through the seeded shuffle buffer, reading bytes but never
-decoding them (cost: reading at most one epoch of this worker's shards).
+Resume. The state is the step count plus each hosted stream's position (epoch, reader cursor,
+shuffle buffer as references, generator state, skip count). Restoring re-reads the buffered
+samples by reference and seeks the reader to its byte offset: about one shuffle buffer plus one
+batch per stream, wherever in the epoch. Given the states of every rank of a checkpoint, a rank
+of a run with another world size takes the streams it now hosts.
 
 Hand-over. Batches carry uint8 pixels (b, 3, S, S), the crops before rescaling and CLIP
 normalisation: the trainer moves them to the GPU and calls data.transforms.normalize_pixels
 there (bit-identical to normalising in the worker, 4x less host memory and PCIe traffic than
 fp32). When CUDA is available the batches are in pinned memory, so the trainer's
 `.to(device, non_blocking=True)` overlaps with compute. Host memory is W x PREFETCH_FACTOR
-batches in flight plus each worker's shuffle buffer (`disco-clip plan` prints the sum).
+batches in flight plus each hosted stream's shuffle buffer (`disco-clip plan` prints the sum).
 """
 
 from __future__ import annotations
@@ -33,27 +32,30 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.config import DataConfig
 from data.hf import HFSource
-from data.stream import StreamSpec, WorkerPosition, worker_batches
+from data.stream import StreamSpec, StreamState, stream_chunks
 from data.wds_source import WebDatasetSource
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 PREFETCH_FACTOR = 2  # batches each worker process keeps ready (trainer/plan/planner.py counts them)
 
 
 class _Workers(IterableDataset):
-    """DataLoader dataset whose process i plays logical worker (i + rotation) mod W, so that a
-    restored loader continues the round-robin where the interrupted one stopped."""
+    """DataLoader dataset whose process w hosts logical worker w's streams; each process yields
+    one item per step (its streams' chunks), so the loader's round-robin hands the main process
+    one item from every worker per step."""
 
-    def __init__(self, spec: StreamSpec, positions: list[WorkerPosition], rotation: int):
-        self.spec, self.positions, self.rotation = spec, positions, rotation
+    def __init__(self, spec: StreamSpec, states: dict[int, dict]):
+        self.spec, self.states = spec, states
 
     def __iter__(self):
-        info = get_worker_info()
-        worker = (info.id + self.rotation) % self.spec.workers
-        for batch, position in worker_batches(self.spec, worker, self.positions[worker]):
-            yield batch, worker, position.as_list()
+        streams = self.spec.worker_streams(get_worker_info().id)
+        yield from stream_chunks(self.spec, streams, _restored(self.states, streams))
+
+
+def _restored(states: dict[int, dict], streams: list[int]) -> dict[int, StreamState]:
+    return {s: StreamState.from_dict(states[s]) for s in streams if s in states}
 
 
 def _one_thread(_: int) -> None:
@@ -62,26 +64,23 @@ def _one_thread(_: int) -> None:
 
 
 class TrainLoader:
-    """Infinite iterator of dict(pixel_values (b,3,S,S) uint8, input_ids (b,L), attention_mask
-    (b,L)), pinned when CUDA is available; normalise the pixels with
-    data.transforms.normalize_pixels after moving them to the device."""
+    """Infinite iterator of this rank's slice of each global batch: dict(pixel_values (b,3,S,S)
+    uint8, input_ids (b,L), attention_mask (b,L)), the chunks of its streams in stream order,
+    pinned when CUDA is available; normalise the pixels with data.transforms.normalize_pixels
+    after moving them to the device."""
 
     def __init__(self, spec: StreamSpec, processes: bool):
         self.spec = spec
         self.processes = processes
-        self.batches = 0
-        self.positions = [WorkerPosition() for _ in range(spec.workers)]
+        self.steps = 0
+        self.states: dict[int, dict] = {}  # stream -> its state after the last batch handed out
         self._iter: Iterator | None = None
 
     @property
     def skipped_samples(self) -> int:
-        """Bad samples (undecodable, missing caption, truncated tar) skipped on this rank."""
-        return sum(p.skipped for p in self.positions)
-
-    @property
-    def epoch(self) -> int:
-        """Epochs every worker of this rank has finished (workers roll over independently)."""
-        return min(p.epoch for p in self.positions)
+        """Bad samples (undecodable, missing caption, truncated tar) skipped by this rank's
+        streams since the start of training."""
+        return sum(state["skipped"] for state in self.states.values())
 
     def __iter__(self) -> TrainLoader:
         return self
@@ -89,29 +88,29 @@ class TrainLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iter is None:
             self._iter = self._start()
-        batch, worker, position = next(self._iter)
-        self.positions[worker] = WorkerPosition(*position)
-        self.batches += 1
-        return batch
+        chunks: dict[int, dict[str, torch.Tensor]] = {}
+        for _ in range(self.spec.workers if self.processes else 1):
+            part, states = next(self._iter)
+            chunks.update(part)
+            self.states.update(states)
+        order = sorted(chunks)  # stream order: the same rank batch whatever the worker count
+        batch = {key: torch.cat([chunks[s][key] for s in order]) for key in chunks[order[0]]}
+        self.steps += 1
+        # Pinned (page-locked) batches let the trainer's .to(device, non_blocking=True) copy
+        # asynchronously. Only on a CUDA machine: pinning needs a CUDA device, so the CPU test
+        # suite cannot exercise this path (tests/gpu does).
+        return _pinned(batch) if torch.cuda.is_available() else batch
 
     def _start(self) -> Iterator:
-        # Pinned (page-locked) batches let the trainer's .to(device, non_blocking=True) copy
-        # asynchronously. Only on a CUDA machine: the CPU test suite cannot exercise the pinned
-        # path (pin_memory needs a CUDA device), so it is tested where a GPU is.
-        pin = torch.cuda.is_available()
         if not self.processes:
-            batches = worker_batches(self.spec, 0, self.positions[0])
-            return ((_pinned(b) if pin else b, 0, p.as_list()) for b, p in batches)
-        dataset = _Workers(self.spec, list(self.positions), self.batches % self.spec.workers)
+            streams = self.spec.rank_streams()
+            return stream_chunks(self.spec, streams, _restored(self.states, streams))
         loader = DataLoader(
-            dataset,
+            _Workers(self.spec, dict(self.states)),
             batch_size=None,
             num_workers=self.spec.workers,
             worker_init_fn=_one_thread,
             prefetch_factor=PREFETCH_FACTOR,
-            # The pin thread pins into the current CUDA device's context when the loader
-            # starts (the first next()), after the trainer has chosen its device.
-            pin_memory=pin,
             persistent_workers=False,
             # Its own generator: starting workers must not draw from the global torch RNG, or
             # dropout after a resume (which restarts the workers mid-run) would be shifted.
@@ -120,34 +119,46 @@ class TrainLoader:
         return iter(loader)
 
     def state_dict(self) -> dict:
-        """JSON-serialisable position: plain ints and lists."""
+        """This rank's streams' positions: plain ints, lists and dicts (weights_only-loadable)."""
         spec = self.spec
         return {
             "version": STATE_VERSION,
-            "batches": self.batches,
+            "steps": self.steps,
             "seed": spec.seed,
-            "rank": spec.rank,
-            "world_size": spec.world_size,
-            "workers": spec.workers,
-            "batch_size": spec.batch_size,
-            "positions": [p.as_list() for p in self.positions],
-            "skipped_samples": self.skipped_samples,
+            "streams": spec.streams,
+            "global_batch": spec.global_batch,
+            "stream_states": dict(self.states),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where the loader that saved `state` stopped."""
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        """Continue exactly where the loader(s) that saved `state` stopped: one rank's state,
+        or the states of every rank of a checkpoint (then the run may have another world size:
+        each rank takes the streams it now hosts)."""
         spec = self.spec
-        expected = {"version": STATE_VERSION, "seed": spec.seed, "rank": spec.rank,
-                    "world_size": spec.world_size, "workers": spec.workers, "batch_size": spec.batch_size}  # fmt: skip
-        for name, value in expected.items():
-            if state.get(name) != value:
-                raise ValueError(
-                    f"loader state: {name}={state.get(name)} but this loader has {value}; exact "
-                    f"resume needs the same seed, rank, world size, workers and batch size"
-                )
+        saved = [state] if isinstance(state, dict) else list(state)
+        expected = {"version": STATE_VERSION, "seed": spec.seed, "streams": spec.streams,
+                    "global_batch": spec.global_batch}  # fmt: skip
+        merged: dict[int, dict] = {}
+        for one in saved:
+            for name, value in expected.items():
+                if one.get(name) != value:
+                    raise ValueError(
+                        f"loader state: {name}={one.get(name)} but this run has {value}; a "
+                        f"resume needs the same run.seed, data.streams and global batch size"
+                    )
+            merged.update({int(s): st for s, st in one["stream_states"].items()})
+        steps = {int(one["steps"]) for one in saved}
+        if len(steps) != 1:
+            raise ValueError(f"loader state: the saved ranks stopped at different steps {steps}")
+        missing = [s for s in spec.rank_streams() if s not in merged and steps != {0}]
+        if missing:
+            raise ValueError(
+                f"loader state: streams {missing[:4]} of this rank are in none of the saved "
+                "states; pass the data states of every rank of the checkpoint"
+            )
         self.close()
-        self.batches = int(state["batches"])
-        self.positions = [WorkerPosition(*map(int, p)) for p in state["positions"]]
+        self.steps = steps.pop()
+        self.states = {s: merged[s] for s in spec.rank_streams() if s in merged}
 
     def close(self) -> None:
         """Stop worker processes (a new iteration starts them again from the saved position)."""
@@ -179,14 +190,21 @@ def build_train_loader(
     # Tokenizers' own thread pool deadlocks after fork; batches are tokenised per worker anyway.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     source = build_source(cfg, seed)
-    workers = max(1, cfg.workers)
-    most = source.max_workers(world_size)
+    streams, world_batch = cfg.streams, local_batch_size * world_size
+    if streams % world_size or world_batch % streams:
+        raise ValueError(
+            f"streams: data.streams={streams} must be a multiple of the world size {world_size} "
+            f"and divide the global batch size {world_batch}"
+        )
+    source.check_streams(streams)
+    workers = max(1, cfg.workers) if cfg.workers > 0 else 1
+    most = streams // world_size  # every worker hosts at least one stream
     if workers > most:
-        log.warning("data.workers=%d but rank shards allow only %d; using %d", workers, most, most)
+        log.warning("data.workers=%d but this rank hosts %d streams; using %d", workers, most, most)
         workers = most
     spec = StreamSpec(
-        source=source, tokenizer=tokenizer, seed=seed, rank=rank, world_size=world_size,
-        workers=workers, batch_size=local_batch_size, shuffle_buffer=cfg.shuffle_buffer,
+        source=source, tokenizer=tokenizer, seed=seed, streams=streams, global_batch=world_batch,
+        rank=rank, world_size=world_size, workers=workers, shuffle_buffer=cfg.shuffle_buffer,
         image_size=cfg.image_size, context_length=cfg.context_length,
         crop_scale=tuple(cfg.random_resized_crop_scale),
     )  # fmt: skip

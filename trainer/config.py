@@ -96,6 +96,19 @@ class Config:
                 f"train.grad_cache_chunks: {self.train.grad_cache_chunks} does not divide the "
                 f"per-rank batch {b // world_size}"
             )
+        streams = self.data.streams
+        if b % streams or streams % world_size:
+            raise ConfigError(
+                f"data.streams: {streams} logical streams must divide train.global_batch_size "
+                f"{b} and be a multiple of the world size {world_size} (each rank hosts "
+                f"streams/world_size of them); e.g. data.streams={_streams_hint(b, world_size)}"
+            )
+
+
+def _streams_hint(batch: int, world_size: int) -> int:
+    """The smallest multiple of the world size that divides the batch (the batch itself
+    always does, since the world size divides it)."""
+    return next(s for s in range(world_size, batch + 1, world_size) if batch % s == 0)
 
 
 def load_config(path: str | Path | None, overrides: list[str], world_size: int) -> Config:

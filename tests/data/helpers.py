@@ -13,6 +13,7 @@ TOKENIZER = load_tokenizer(BUILTIN_TOKENIZER_DIR)
 
 def wds_config(shards, **overrides) -> DataConfig:
     fields = dict(train_shards=str(shards), image_size=16, context_length=16, shuffle_buffer=20,
+                  streams=2,
                   workers=0, random_resized_crop_scale=(0.5, 1.0))  # fmt: skip
     fields.update(overrides)
     cfg = DataConfig(**fields)

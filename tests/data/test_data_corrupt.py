@@ -35,12 +35,12 @@ def _corrupt_dataset(synthetic_dir, tmp_path):
 
 def test_bad_samples_are_skipped_counted_and_logged(synthetic_dir, tmp_path, caplog):
     bad = _corrupt_dataset(synthetic_dir, tmp_path)
-    cfg = wds_config(bad, shuffle_buffer=0)
+    cfg = wds_config(bad, shuffle_buffer=0, streams=1)
     it = loader(cfg, batch=10)
     with caplog.at_level(logging.WARNING, logger="data.stream"):
         batches = take(it, 8)  # 30 + 30 + ~15 raw samples: the whole first epoch and more
     assert all(b["pixel_values"].shape[0] == 10 for b in batches)
-    assert it.skipped_samples == 3 == it.state_dict()["skipped_samples"]
+    assert it.skipped_samples == 3
     text = caplog.text
     assert "000000.tar key=000000003: undecodable image" in text
     assert "000001.tar key=000000031: no caption" in text

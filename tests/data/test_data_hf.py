@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 
 import pytest
 from PIL import Image
@@ -46,7 +47,9 @@ def parquet_dir(saved_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("hf") / "parquet"
     out.mkdir()
-    load_from_disk(str(saved_dir)).to_parquet(str(out / "part-0.parquet"))
+    ds = load_from_disk(str(saved_dir))  # two files, as a streaming dataset needs one per stream
+    ds.select(range(N // 2)).to_parquet(str(out / "part-0.parquet"))
+    ds.select(range(N // 2, N)).to_parquet(str(out / "part-1.parquet"))
     return out
 
 
@@ -63,7 +66,7 @@ def imagefolder_dir(pairs, tmp_path_factory):
 
 def _cfg(path, streaming, **columns) -> DataConfig:
     cfg = DataConfig(source="hf", hf_path=str(path), hf_streaming=streaming, image_size=16,
-                     context_length=16, shuffle_buffer=10, workers=0, **columns)  # fmt: skip
+                     context_length=16, shuffle_buffer=10, workers=0, streams=2, **columns)  # fmt: skip
     cfg.validate()
     return cfg
 
@@ -96,3 +99,23 @@ def test_wrong_column_name_is_a_clear_error(saved_dir):
 def test_missing_hf_path_fails_validation(tmp_path):
     with pytest.raises(ValueError, match=r"^hf_path: .* does not exist"):
         DataConfig(source="hf", hf_path=str(tmp_path / "nope")).validate()
+
+
+@pytest.mark.parametrize("kind", ["saved", "parquet"])
+def test_streaming_streams_read_the_dataset_once_per_epoch(kind, pairs, request, caplog):
+    """Each stream reads its own files, so together they read every row exactly once (the old
+    loader read the whole stream in every worker and kept every N·W-th row: N·W times the I/O,
+    and with 2 workers over a 2-file parquet set it trained on half of it)."""
+    from data.loader import build_source
+
+    columns = {"image_column": "img", "text_column": "caption"}
+    cfg = _cfg(request.getfixturevalue(f"{kind}_dir"), True, **columns)
+    source = build_source(cfg, seed=0)
+    source.check_streams(2)
+    seen = [
+        s.text.decode() for stream in (0, 1) for s, _ in source.stream_samples(0, stream, 2, None)
+    ]
+    assert sorted(seen) == sorted(caption for _, caption in pairs)
+    with caplog.at_level(logging.WARNING, logger="data.hf"):
+        source.check_streams(100)  # more streams than files: correct, but says what it costs
+    assert "data.streams=100" in caplog.text

@@ -165,7 +165,8 @@ def _shipped_laion_spec() -> PlanSpec:
     data = tree["data"]
     return replace(PAPER, batch=tree["train"]["global_batch_size"], model=tree["model"]["preset"],
                    image_size=data["image_size"], workers=data["workers"],
-                   shuffle_buffer=data["shuffle_buffer"], context_length=data["context_length"])  # fmt: skip
+                   shuffle_buffer=data["shuffle_buffer"], streams=data["streams"],
+                   context_length=data["context_length"])  # fmt: skip
 
 
 def test_planner_prefetch_factor_is_the_loaders() -> None:
@@ -177,29 +178,28 @@ def test_planner_prefetch_factor_is_the_loaders() -> None:
 def test_host_memory_at_shipped_laion_settings_fits_and_uint8_is_4x_smaller() -> None:
     spec = _shipped_laion_spec()
     b, size, workers = spec.batch // spec.gpus, spec.image_size, spec.workers
-    assert (b, size, workers, spec.shuffle_buffer) == (4096, 224, 8, 5000)
+    assert (b, size, workers, spec.shuffle_buffer, spec.streams) == (4096, 224, 8, 1000, 512)
     host = host_plan(spec)
     assert host.per_rank < 64 * 2**30
     assert host.per_node == 8 * host.per_rank
-    # The uint8 pixels as handed over: workers × prefetch × b × 3 × S × S bytes (+ the tokens).
-    pixels = workers * LOADER_PREFETCH_FACTOR * b * 3 * size * size
-    assert host.prefetched == pixels + workers * LOADER_PREFETCH_FACTOR * 2 * b * 77 * 8
-    # The old fp32 hand-over, same formula with 4 bytes per pixel: ~39 GB prefetched alone.
+    # Each worker prefetches items that are its streams' share of a batch: PREFETCH_FACTOR
+    # uint8 batches in flight in all, whatever the worker count.
+    assert host.prefetched == LOADER_PREFETCH_FACTOR * loader_batch_bytes(b, size, 77)
+    # The old hand-over: every worker prefetched whole fp32 batches: ~39 GB for that alone.
     old = workers * LOADER_PREFETCH_FACTOR * loader_batch_bytes(b, size, 77, pixel_bytes=4)
-    assert old == host_plan(spec, pixel_bytes=4).prefetched
     assert 39e9 < old < 40e9
-    assert old / host.prefetched == pytest.approx(4, rel=0.01)
-    assert host_plan(spec, pixel_bytes=4).per_rank > 3 * host.per_rank  # shuffle is unchanged
+    assert old / host.prefetched == pytest.approx(4 * workers, rel=0.01)
 
 
 def test_host_memory_components_follow_their_settings() -> None:
     spec = _shipped_laion_spec()
     host = host_plan(spec)
     assert host_plan(replace(spec, sample_bytes=2 * spec.sample_bytes)).shuffle == 2 * host.shuffle
-    assert host_plan(replace(spec, workers=4)).prefetched == host.prefetched // 2
+    assert host_plan(replace(spec, workers=4)).prefetched == host.prefetched  # shares of a batch
+    assert host_plan(replace(spec, streams=2 * spec.streams)).shuffle == 2 * host.shuffle
     assert host_plan(replace(spec, gpus_per_node=4)).per_node == 4 * host.per_rank
     in_process = host_plan(replace(spec, workers=0))  # one logical worker, no DataLoader
-    assert in_process.prefetched == 0 and in_process.stacking == host.batch
+    assert in_process.prefetched == 0 and in_process.stacking == 2 * host.batch
     assert host.pinned == host.batch
 
 

@@ -32,12 +32,13 @@ Host memory per rank (host_plan), in bytes, with W loader workers (data.workers)
 β = b·3·S² (uint8 pixels: data/loader.py hands them over unnormalised) + 2·b·L·8 (int64 ids
 and mask):
 
-- prefetched: W × PREFETCH_FACTOR × β, the batches the DataLoader keeps in flight (in shared
-  or pinned memory; data/loader.py's PREFETCH_FACTOR);
-- stacking: W × β, each worker's list of crops while torch.stack copies it into the batch (an
-  upper bound: all workers stacking at once);
-- shuffle buffers: W × shuffle_buffer × sample_bytes, the undecoded samples (jpg + txt +
-  json) each worker's shuffle buffer holds; sample_bytes is an assumption, 40 KiB by default
+- prefetched: PREFETCH_FACTOR × β: each of the W workers keeps PREFETCH_FACTOR items in flight
+  (in shared memory), and an item is its streams' share of one batch, β/W
+  (data/loader.py's PREFETCH_FACTOR);
+- stacking: 2 × β, the workers' crops while torch.stack copies them into their chunks (β in
+  all) and the main process's concatenation of the chunks into the batch (β);
+- shuffle buffers: (S/N) × shuffle_buffer × sample_bytes, the undecoded samples (jpg + txt +
+  json) held by the shuffle buffers of the S/N logical streams this rank hosts (data.streams); sample_bytes is an assumption, 40 KiB by default
   (the order of img2dataset's 256 px LAION JPEGs; not measured here: measure your shards
   and pass --sample-bytes);
 - pinned: β, the batch the trainer holds in page-locked memory while it copies it to the GPU.
@@ -107,8 +108,11 @@ class PlanSpec:
     """Input resolution S; 0 keeps the preset's (vit_b32: 224), like model.image_size."""
     workers: int = 8
     """Loader worker processes per rank (data.workers; vit_b32_laion.yaml: 8)."""
-    shuffle_buffer: int = 5000
-    """Samples in each worker's shuffle buffer (data.shuffle_buffer; vit_b32_laion.yaml: 5000)."""
+    shuffle_buffer: int = 1000
+    """Samples in each stream's shuffle buffer (data.shuffle_buffer; vit_b32_laion.yaml: 1000)."""
+    streams: int = 512
+    """Logical streams of the sample order (data.streams; vit_b32_laion.yaml: 512); each rank
+    hosts streams/gpus of them, each with its own shuffle buffer."""
     sample_bytes: int = SAMPLE_BYTES
     """Assumed mean undecoded sample in a shuffle buffer (40 KiB: LAION at 256 px)."""
     gpus_per_node: int = 8
@@ -322,12 +326,11 @@ def host_plan(spec: PlanSpec, *, pixel_bytes: int = PIXEL_BYTES) -> HostBreakdow
     """Host memory of one rank's loader (module docstring); `pixel_bytes` 4 = the old fp32."""
     b = spec.batch // spec.gpus
     batch = loader_batch_bytes(b, _shape(spec).image_size, spec.context_length, pixel_bytes)
-    streams = max(1, spec.workers)  # workers 0: one logical worker in the training process
     return HostBreakdown(
         batch=batch,
-        prefetched=spec.workers * LOADER_PREFETCH_FACTOR * batch,
-        stacking=streams * batch,
-        shuffle=streams * spec.shuffle_buffer * spec.sample_bytes,
+        prefetched=LOADER_PREFETCH_FACTOR * batch if spec.workers else 0,
+        stacking=2 * batch,
+        shuffle=max(1, spec.streams // spec.gpus) * spec.shuffle_buffer * spec.sample_bytes,
         pinned=batch,
         gpus_per_node=spec.gpus_per_node,
     )
@@ -386,10 +389,10 @@ def format_report(spec: PlanSpec) -> str:
         f"host memory per rank {_gib(host.per_rank)}  (loader, S={shape.image_size}, "
         f"{spec.workers} workers, batch {host.batch / 2**30:.2f} GiB uint8)",
         f"  prefetched   {_gib(host.prefetched)}  "
-        f"({spec.workers} workers × {LOADER_PREFETCH_FACTOR} batches)",
-        f"  stacking     {_gib(host.stacking)}  (one batch of crops per worker)",
+        f"({LOADER_PREFETCH_FACTOR} batches, in {spec.workers} workers' shares)",
+        f"  stacking     {_gib(host.stacking)}  (the crops, and their concatenation)",
         f"  shuffle      {_gib(host.shuffle)}  ({spec.shuffle_buffer} samples × "
-        f"{spec.sample_bytes / 2**10:g} KiB per worker)",
+        f"{spec.sample_bytes / 2**10:g} KiB × {max(1, spec.streams // spec.gpus)} streams)",
         f"  pinned       {_gib(host.pinned)}  (the batch being copied to the GPU)",
         f"  per node     {_gib(host.per_node)}  ({spec.gpus_per_node} GPUs per node)",
         "assumptions: AdamW; mixed precision = 16-bit weights, gradients and activations "
@@ -419,8 +422,10 @@ def _spec_from_args(args: argparse.Namespace) -> PlanSpec:
             f"--grad-cache {args.grad_cache} does not divide the per-GPU batch "
             f"{args.batch // args.gpus}"
         )
-    if args.image_size < 0 or args.workers < 0 or args.shuffle_buffer < 0:
-        raise ValueError("--image-size, --workers and --shuffle-buffer must be >= 0")
+    if args.image_size < 0 or args.workers < 0 or args.shuffle_buffer < 0 or args.streams < 1:
+        raise ValueError(
+            "--image-size, --workers and --shuffle-buffer must be >= 0, --streams >= 1"
+        )
     if args.gpus_per_node < 1 or args.sample_bytes < 0:
         raise ValueError("--gpus-per-node must be >= 1 and --sample-bytes >= 0")
     if not 0 < args.usable_fraction <= 1:
@@ -441,6 +446,7 @@ def _spec_from_args(args: argparse.Namespace) -> PlanSpec:
         image_size=args.image_size,
         workers=args.workers,
         shuffle_buffer=args.shuffle_buffer,
+        streams=args.streams,
         sample_bytes=args.sample_bytes,
         gpus_per_node=args.gpus_per_node,
     )
@@ -472,7 +478,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--usable-fraction", type=float, default=0.9, help="of --gpu-memory")
     p.add_argument("--image-size", type=int, default=0, help="input side S (0: preset's, 224)")
     p.add_argument("--workers", type=int, default=8, help="loader workers per rank")
-    p.add_argument("--shuffle-buffer", type=int, default=5000, help="samples per worker buffer")
+    p.add_argument("--shuffle-buffer", type=int, default=1000, help="samples per stream buffer")
+    p.add_argument("--streams", type=int, default=512, help="data.streams (S logical streams)")
     p.add_argument(
         "--sample-bytes",
         type=int,
