@@ -50,8 +50,15 @@ class DataConfig:
     """Token ids per caption; longer captions are cut keeping eos last, shorter are padded."""
 
     shuffle_buffer: int = 1000
-    """Samples held by the sample-level shuffle buffer of each loader worker (0 = no shuffle
-    beyond the per-epoch shard permutation)."""
+    """Samples held by the shuffle buffer of each logical stream (0 = no shuffle beyond the
+    per-epoch shard permutation). A resume re-reads about this many samples per stream."""
+
+    streams: int = 8
+    """S, the logical streams of the global sample order, fixed for the run: global batch t is
+    B/S consecutive samples of every stream, whatever the number of ranks and workers. Must
+    divide the global batch size and be a multiple of ranks × workers (each rank hosts S/N
+    streams, each worker at least one); each stream reads its own shards (at least S shards,
+    or data.resampled=true). Set it for the largest job the run may ever resume on."""
 
     resampled: bool = False
     """Draw shards with replacement forever instead of visiting each once per epoch."""
@@ -60,8 +67,8 @@ class DataConfig:
     """Allow shell `pipe:` shard URLs (they run a command: off unless you mean it)."""
 
     workers: int = 2
-    """DataLoader worker processes per rank (0 = in-process). The sample order depends on it, so
-    resume needs the same value; each worker reads its own shards, batches come round-robin."""
+    """DataLoader worker processes per rank (0 = in-process); each hosts some of the rank's
+    streams. The sample order does not depend on it (nor on the world size): see data.streams."""
 
     random_resized_crop_scale: tuple[float, float] = field(default=(0.9, 1.0))
     """Area fraction range of the training random-resized crop ((1.0, 1.0) = no crop)."""
@@ -90,6 +97,8 @@ class DataConfig:
             raise ValueError(
                 f"shuffle_buffer: {self.shuffle_buffer} < 0; use 0 to disable shuffling"
             )
+        if self.streams < 1:
+            raise ValueError(f"streams: {self.streams} < 1; use at least 1 logical stream")
         if self.workers < 0:
             raise ValueError(f"workers: {self.workers} < 0; use 0 to load in the training process")
         low, high = self.random_resized_crop_scale
