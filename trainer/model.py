@@ -191,7 +191,11 @@ def build_model(
     if cfg.pretrained_dir:
         load_hf_weights(model, Path(cfg.pretrained_dir), zero3=zero3)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # ZeRO-3 replays a recorded order of parameter fetches every step; torch's non-reentrant
+        # checkpoint recomputes lazily and in another order from step 2 on, which DeepSpeed
+        # 0.19.8 refuses ("tracing error ... expected logit_scale"). The reentrant form
+        # recomputes each layer as one unit and keeps the order (its RNG is preserved too).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": zero3})
     return model
 
 
