@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.decode import DEFAULT_CAPTION_KEY, DEFAULT_IMAGE_KEY, parse_keys
 from data.paths import BUILTIN_TOKENIZER_DIR, missing_tokenizer_files
-from data.shards import expand_shards
+from data.shards import expand_shards, is_remote
 
 SOURCES = ("webdataset", "hf")
 MAKE_HINT = "run 'disco-clip make-synthetic --out DIR' or fix the path"
@@ -21,7 +22,20 @@ class DataConfig:
 
     train_shards: str = ""
     """webdataset only: a shard path, a brace pattern (`train/{000000..000009}.tar`,
-    `{a,b}.tar`), a directory whose *.tar files are used (sorted), or a `pipe:` URL if allowed."""
+    `{a,b}.tar`), a directory whose *.tar files are used (sorted), a glob (`train/*.tar`,
+    sorted), a `pipe:` command if allow_pipe (braces expand to one command per shard), or
+    http(s)/s3/gs URLs if allow_remote (brace patterns, read unchecked)."""
+
+    image_key: str = DEFAULT_IMAGE_KEY
+    """webdataset only: the image member's extension, as a ';'-separated list tried in order
+    (first present wins; OpenCLIP's --wds image key), e.g. "jpg;png" or "image.png" for
+    `KEY.image.png` members. Matched case-insensitively."""
+
+    caption_key: str = DEFAULT_CAPTION_KEY
+    """webdataset only: the caption: a member extension ("txt") or "json:FIELD" (a string field
+    of the sample's .json, e.g. "json:caption"), or a ';'-separated list of those tried in
+    order ("txt;json:caption": the json's caption where the .txt is missing). No implicit
+    fallback: with "txt", a sample without .txt is skipped as having no caption."""
 
     hf_path: str = ""
     """hf only: a `save_to_disk` directory, a parquet file/directory, or an imagefolder directory
@@ -65,6 +79,11 @@ class DataConfig:
 
     allow_pipe: bool = False
     """Allow shell `pipe:` shard URLs (they run a command: off unless you mean it)."""
+
+    allow_remote: bool = False
+    """Allow http/https/s3/gs shard URLs (read with curl, `aws s3 cp`, `gsutil cat`: network
+    access, off unless you mean it). A shard whose download fails ends with a skipped,
+    counted error sample, like a truncated local tar."""
 
     workers: int = 2
     """DataLoader worker processes per rank (0 = in-process); each hosts some of the rank's
@@ -111,14 +130,35 @@ class DataConfig:
     def _validate_shards(self) -> None:
         if not self.train_shards:
             raise ValueError(f"train_shards: empty; {MAKE_HINT}")
+        if is_remote(self.train_shards):
+            if not self.allow_remote:
+                raise ValueError(
+                    "train_shards: remote (http/https/s3/gs) URLs are refused; "
+                    "set data.allow_remote=true to read them over the network"
+                )
+            if "*" in self.train_shards:
+                raise ValueError(
+                    "train_shards: '*' globs match local files only; list remote shards with a "
+                    "brace pattern, e.g. https://host/train/{000000..000099}.tar"
+                )
         if "pipe:" in self.train_shards and not self.allow_pipe:
             raise ValueError(
                 "train_shards: 'pipe:' URLs run shell commands and are refused; "
                 "set data.allow_pipe=true if you trust them"
             )
-        if not expand_shards(self.train_shards, allow_pipe=self.allow_pipe):
+        if not expand_shards(
+            self.train_shards, allow_pipe=self.allow_pipe, allow_remote=self.allow_remote
+        ):
             raise ValueError(
                 f"train_shards: no .tar files match '{self.train_shards}'; {MAKE_HINT}"
+            )
+        if not parse_keys(self.image_key):
+            raise ValueError('image_key: empty; use e.g. "jpg;png;jpeg;webp" (member extensions)')
+        keys = [k.strip() for k in self.caption_key.split(";") if k.strip()]
+        if not keys or any(k.lower() == "json:" for k in keys):
+            raise ValueError(
+                f"caption_key: '{self.caption_key}' names no caption; use e.g. 'txt' or "
+                "'json:caption' (a field of the sample's .json)"
             )
 
     def _validate_hf(self) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.hf_open import open_hf_dataset
 from data.shards import RawSample
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class HFSource:
 
     @functools.cache  # noqa: B019 -- one open dataset per process; the source lives for the run
     def dataset(self):
-        ds = _open(self.path, self.split, self.streaming)
+        ds = open_hf_dataset(self.path, self.split, self.streaming)
         for column in (self.image_column, self.text_column):
             if column not in (ds.column_names or []):
                 raise ValueError(
@@ -118,21 +119,3 @@ class HFSource:
         if isinstance(text, str):
             members["txt"] = text.encode("utf-8")
         return RawSample(shard=f"{self.path}[{self.split}]", key=key, members=members)
-
-
-def _open(path: str, split: str, streaming: bool):
-    import datasets
-
-    root = Path(path)
-    if any((root / name).is_file() for name in ("state.json", "dataset_dict.json")):
-        ds = datasets.load_from_disk(path)
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[split]
-        # Streaming a saved dataset: cut it into row ranges so that streams get their own.
-        return ds.to_iterable_dataset(num_shards=min(len(ds), 64)) if streaming else ds
-    if root.suffix == ".parquet" or (root.is_dir() and any(root.rglob("*.parquet"))):
-        files = [path] if root.is_file() else sorted(str(p) for p in root.rglob("*.parquet"))
-        return datasets.load_dataset(
-            "parquet", data_files={split: files}, split=split, streaming=streaming
-        )
-    return datasets.load_dataset("imagefolder", data_dir=path, split=split, streaming=streaming)

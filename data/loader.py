@@ -26,11 +26,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.config import DataConfig
+from data.decode import parse_keys
 from data.hf import HFSource
 from data.stream import StreamSpec, StreamState, stream_chunks
 from data.wds_source import WebDatasetSource
@@ -176,7 +178,8 @@ def build_source(cfg: DataConfig, seed: int) -> WebDatasetSource | HFSource:
         return HFSource(cfg.hf_path, cfg.hf_split, cfg.hf_streaming, cfg.image_column,
                         cfg.text_column, seed, cfg.resampled)  # fmt: skip
     return WebDatasetSource.from_spec(cfg.train_shards, seed=seed, resampled=cfg.resampled,
-                                      allow_pipe=cfg.allow_pipe)  # fmt: skip
+                                      allow_pipe=cfg.allow_pipe,
+                                      allow_remote=cfg.allow_remote)  # fmt: skip
 
 
 def build_train_loader(
@@ -208,4 +211,6 @@ def build_train_loader(
         image_size=cfg.image_size, context_length=cfg.context_length,
         crop_scale=tuple(cfg.random_resized_crop_scale),
     )  # fmt: skip
+    if cfg.source == "webdataset":  # HF rows come as members "jpg"/"txt": decode's defaults
+        spec = replace(spec, image_keys=parse_keys(cfg.image_key), caption_key=cfg.caption_key)
     return TrainLoader(spec, processes=cfg.workers > 0)

@@ -247,7 +247,9 @@ class _CountingReader(io.RawIOBase):
 BYTES_READ = [0]  # bytes this process has read from shards (a list: mutable from anywhere)
 
 
-def read_shard(url: str, *, allow_pipe: bool = False, offset: int = 0) -> Iterator[RawSample]:
+def read_shard(
+    url: str, *, allow_pipe: bool = False, allow_remote: bool = False, offset: int = 0
+) -> Iterator[RawSample]:
     """Raw samples of one shard in stored order, from byte `offset` (the start of a sample, as
     found in a previous read's `ref`). A truncated or unreadable tar ends the shard with one
     `error` sample naming it (the samples before it are still yielded).
@@ -256,7 +258,7 @@ def read_shard(url: str, *, allow_pipe: bool = False, offset: int = 0) -> Iterat
     [byte offset of its first member, byte offset just after it]: a resume seeks there instead
     of reading the shard from its start. Pipes and remote URLs cannot seek: `ref` is None and
     `offset` must be 0."""
-    stream = _CountingReader(_open(url, allow_pipe))
+    stream = _CountingReader(_open(url, allow_pipe, allow_remote))
     seekable = stream.seekable()
     if offset:
         if not seekable:

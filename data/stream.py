@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.decode import decode
+from data.decode import DEFAULT_CAPTION_KEY, DEFAULT_IMAGE_KEYS, decode
 from data.shards import RawSample
 from data.tokenizer import tokenize
 from data.transforms import sample_seed, train_transform
@@ -50,6 +50,8 @@ class StreamSpec:
     image_size: int
     context_length: int
     crop_scale: tuple[float, float]
+    image_keys: tuple[str, ...] = DEFAULT_IMAGE_KEYS  # tar member extensions, first present wins
+    caption_key: str = DEFAULT_CAPTION_KEY  # "txt", "json:caption", "txt;json:caption"
 
     @property
     def per_stream(self) -> int:
@@ -198,7 +200,9 @@ def stream_chunks(
             while len(pixels) < spec.per_stream:
                 sample = reader.next_raw()
                 try:
-                    image, text = decode(sample)
+                    image, text = decode(
+                        sample, image_keys=spec.image_keys, caption_key=spec.caption_key
+                    )
                 except ValueError as exc:
                     reader.state.skipped += 1
                     log.warning(

@@ -27,23 +27,24 @@ class WebDatasetSource:
     seed: int
     resampled: bool = False
     allow_pipe: bool = False
+    allow_remote: bool = False
     # Raw samples come in stored order; each stream's shuffle buffer mixes them.
     presorted = False
 
     @classmethod
     def from_spec(
-        cls, spec: str, *, seed: int, resampled: bool, allow_pipe: bool
+        cls, spec: str, *, seed: int, resampled: bool, allow_pipe: bool, allow_remote: bool = False
     ) -> WebDatasetSource:
         if "pipe:" in spec and not allow_pipe:
             raise ValueError(
                 "train_shards: 'pipe:' URLs are refused; set data.allow_pipe=true to allow them"
             )
-        shards = expand_shards(spec, allow_pipe=allow_pipe)
+        shards = expand_shards(spec, allow_pipe=allow_pipe, allow_remote=allow_remote)
         if not shards:
             raise ValueError(
                 f"train_shards: no .tar files match '{spec}'; run 'disco-clip make-synthetic --out DIR' or fix the path"
             )
-        return cls(tuple(shards), seed, resampled, allow_pipe)
+        return cls(tuple(shards), seed, resampled, allow_pipe, allow_remote)
 
     @property
     def seekable(self) -> bool:
@@ -81,7 +82,9 @@ class WebDatasetSource:
             shard = order[position]
             url = self.shards[shard]
             start = offset if position == first else 0
-            for sample in read_shard(url, allow_pipe=self.allow_pipe, offset=start):
+            for sample in read_shard(
+                url, allow_pipe=self.allow_pipe, allow_remote=self.allow_remote, offset=start
+            ):
                 if sample.ref is None:  # error sample, or a shard that cannot seek
                     sample.ref = [shard, -1, -1]
                     yield sample, [position + 1, 0] if sample.error else [position, -1]
@@ -98,7 +101,16 @@ class WebDatasetSource:
             if begin < 0:
                 out.append(RawSample(shard=url, key="?", error="unreadable when buffered"))
                 continue
-            sample = next(iter(read_shard(url, allow_pipe=self.allow_pipe, offset=begin)))
+            sample = next(
+                iter(
+                    read_shard(
+                        url,
+                        allow_pipe=self.allow_pipe,
+                        allow_remote=self.allow_remote,
+                        offset=begin,
+                    )
+                )
+            )
             sample.ref = [shard, begin, sample.ref[1] if sample.ref else -1]
             out.append(sample)
         return out
