@@ -55,21 +55,28 @@ def build_components(cfg: Config, info: DistInfo) -> Components:
         precision=cfg.train.precision,
         optim=cfg.optim,
     )
+    zero3 = zero_stage(ds_config) == 3
+    with_bias = cfg.loss.name == "siglip"
+    clip_config = build_clip_config(cfg.model, token_ids(tokenizer), cfg.data.context_length)
+    # Identical initial weights on every rank, and at every ZeRO stage: zero.Init initialises
+    # each module as it partitions it, drawing from the RNG in another order than a plain
+    # construction, so under ZeRO-3 the plain model is built first (on the CPU, before
+    # transformers is told about ZeRO-3) and copied in. One full fp32 copy in host memory per
+    # rank, during setup only.
+    random.seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+    initial_state = None
+    if zero3 and not cfg.model.pretrained_dir:
+        plain = build_model(cfg.model, clip_config, with_bias=with_bias, zero3=False)
+        initial_state = plain.state_dict()
+        del plain
     hf_ds_config = None
-    if zero_stage(ds_config) == 3:
+    if zero3:
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds_config = HfDeepSpeedConfig(ds_config)
-
-    # Identical initial weights on every rank (ZeRO-3 partitions each rank's own init).
-    random.seed(cfg.run.seed)
-    torch.manual_seed(cfg.run.seed)
-    clip_config = build_clip_config(cfg.model, token_ids(tokenizer), cfg.data.context_length)
     model = build_model(
-        cfg.model,
-        clip_config,
-        with_bias=cfg.loss.name == "siglip",
-        zero3=hf_ds_config is not None,
+        cfg.model, clip_config, with_bias=with_bias, zero3=zero3, initial_state=initial_state
     )
     schedule = WarmupCosine(cfg.schedule.warmup_steps, cfg.train.steps, cfg.schedule.min_lr_ratio)
     engine = initialize(model, ds_config, schedule)

@@ -180,9 +180,15 @@ class TrainableCLIP(CLIPModel):
 
 
 def build_model(
-    cfg: ModelConfig, config: CLIPConfig, *, with_bias: bool, zero3: bool
+    cfg: ModelConfig,
+    config: CLIPConfig,
+    *,
+    with_bias: bool,
+    zero3: bool,
+    initial_state: dict[str, torch.Tensor] | None = None,
 ) -> TrainableCLIP:
-    """Construct the model (partitioned at construction under ZeRO-3), then load weights.
+    """Construct the model (partitioned at construction under ZeRO-3), then load weights:
+    `model.pretrained_dir`'s, else `initial_state` (ZeRO-3 only: see trainer/build.py).
 
     Under ZeRO-3 the caller must hold a live `HfDeepSpeedConfig` so that transformers
     constructs inside `deepspeed.zero.Init`.
@@ -190,6 +196,8 @@ def build_model(
     model = TrainableCLIP._from_config(config, with_bias=with_bias, bias_init=cfg.logit_bias_init)
     if cfg.pretrained_dir:
         load_hf_weights(model, Path(cfg.pretrained_dir), zero3=zero3)
+    elif initial_state is not None:
+        _load_partitioned(model, initial_state)
     if cfg.gradient_checkpointing:
         # ZeRO-3 replays a recorded order of parameter fetches every step; torch's non-reentrant
         # checkpoint recomputes lazily and in another order from step 2 on, which DeepSpeed
@@ -210,9 +218,13 @@ def load_hf_weights(model: TrainableCLIP, directory: Path, *, zero3: bool) -> No
     if not zero3:
         model.load_state_dict(state, strict=False)
         return
+    _load_partitioned(model, state)
+
+
+def _load_partitioned(model: TrainableCLIP, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict into a ZeRO-3 model: gather, let rank 0 write, re-partition."""
     import deepspeed
 
-    # Partitioned parameters: gather, let rank 0 write, re-partition on exit.
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
         if torch.distributed.get_rank() == 0:
             model.load_state_dict(state, strict=False)
