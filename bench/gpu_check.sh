@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, one command, no network, at most ~8 minutes on one GPU (bench/GPU.md):
+# The GPU check, one command, no network, at most ~8 minutes on one GPU (docs/gpu_check.md):
 #
 #     bash bench/gpu_check.sh
 #

@@ -1,4 +1,4 @@
-"""GPU tests: real runs on CUDA through the project's own entry points (bench/GPU.md).
+"""GPU tests: real runs on CUDA through the project's own entry points (docs/gpu_check.md).
 
 Every test under tests/gpu gets the `gpu` marker, and where CUDA is not available a skip with
 the reason "CUDA is not available", so `make test` on a CPU machine reports them as skipped.
