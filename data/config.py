@@ -14,6 +14,16 @@ MAKE_HINT = "run 'disco-clip make-synthetic --out DIR' or fix the path"
 
 
 @dataclass
+class SourceSpec:
+    """One tar-shard source of a mix (data.sources)."""
+
+    train_shards: str = ""
+    """Shards of this source, in any form data.train_shards takes."""
+    weight: float = 1.0
+    """Relative share of every global batch (OpenCLIP's --train-data-upsampling-factors)."""
+
+
+@dataclass
 class DataConfig:
     """The `data.` section of the run config."""
 
@@ -25,6 +35,13 @@ class DataConfig:
     `{a,b}.tar`), a directory whose *.tar files are used (sorted), a glob (`train/*.tar`,
     sorted), a `pipe:` command if allow_pipe (braces expand to one command per shard), or
     http(s)/s3/gs URLs if allow_remote (brace patterns, read unchecked)."""
+
+    sources: list[SourceSpec] = field(default_factory=list)
+    """webdataset only, instead of train_shards: several shard sets mixed by weight, e.g.
+    [{train_shards: /data/laion/{00000..41407}.tar, weight: 4}, {train_shards: /data/cc12m,
+    weight: 1}]. The S logical streams are dealt to the sources in proportion to their weights
+    (largest remainder, at least one each), so every global batch holds the same share of each
+    source, deterministically and resumably; the realised mix is logged at start."""
 
     image_key: str = DEFAULT_IMAGE_KEY
     """webdataset only: the image member's extension, as a ';'-separated list tried in order
@@ -128,30 +145,43 @@ class DataConfig:
             )
 
     def _validate_shards(self) -> None:
-        if not self.train_shards:
+        if self.sources:
+            if self.train_shards:
+                raise ValueError("sources: set either data.train_shards or data.sources, not both")
+            for i, source in enumerate(self.sources):
+                if not source.weight > 0:
+                    raise ValueError(f"sources[{i}].weight: {source.weight}; must be > 0")
+                try:
+                    self._validate_spec(source.train_shards)
+                except ValueError as err:
+                    raise ValueError(f"sources[{i}].{err}") from None
+        else:
+            self._validate_spec(self.train_shards)
+        self._validate_keys()
+
+    def _validate_spec(self, spec: str) -> None:
+        if not spec:
             raise ValueError(f"train_shards: empty; {MAKE_HINT}")
-        if is_remote(self.train_shards):
+        if is_remote(spec):
             if not self.allow_remote:
                 raise ValueError(
                     "train_shards: remote (http/https/s3/gs) URLs are refused; "
                     "set data.allow_remote=true to read them over the network"
                 )
-            if "*" in self.train_shards:
+            if "*" in spec:
                 raise ValueError(
                     "train_shards: '*' globs match local files only; list remote shards with a "
                     "brace pattern, e.g. https://host/train/{000000..000099}.tar"
                 )
-        if "pipe:" in self.train_shards and not self.allow_pipe:
+        if "pipe:" in spec and not self.allow_pipe:
             raise ValueError(
                 "train_shards: 'pipe:' URLs run shell commands and are refused; "
                 "set data.allow_pipe=true if you trust them"
             )
-        if not expand_shards(
-            self.train_shards, allow_pipe=self.allow_pipe, allow_remote=self.allow_remote
-        ):
-            raise ValueError(
-                f"train_shards: no .tar files match '{self.train_shards}'; {MAKE_HINT}"
-            )
+        if not expand_shards(spec, allow_pipe=self.allow_pipe, allow_remote=self.allow_remote):
+            raise ValueError(f"train_shards: no .tar files match '{spec}'; {MAKE_HINT}")
+
+    def _validate_keys(self) -> None:
         if not parse_keys(self.image_key):
             raise ValueError('image_key: empty; use e.g. "jpg;png;jpeg;webp" (member extensions)')
         keys = [k.strip() for k in self.caption_key.split(";") if k.strip()]

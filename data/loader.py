@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data.config import DataConfig
 from data.decode import parse_keys
 from data.hf import HFSource
+from data.mix import MixedSource
 from data.stream import StreamSpec, StreamState, stream_chunks
 from data.wds_source import WebDatasetSource
 
@@ -173,13 +174,19 @@ def _pinned(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.pin_memory() for name, tensor in batch.items()}
 
 
-def build_source(cfg: DataConfig, seed: int) -> WebDatasetSource | HFSource:
+def build_source(cfg: DataConfig, seed: int) -> WebDatasetSource | HFSource | MixedSource:
     if cfg.source == "hf":
         return HFSource(cfg.hf_path, cfg.hf_split, cfg.hf_streaming, cfg.image_column,
                         cfg.text_column, seed, cfg.resampled)  # fmt: skip
-    return WebDatasetSource.from_spec(cfg.train_shards, seed=seed, resampled=cfg.resampled,
-                                      allow_pipe=cfg.allow_pipe,
-                                      allow_remote=cfg.allow_remote)  # fmt: skip
+
+    def shards(spec: str) -> WebDatasetSource:
+        return WebDatasetSource.from_spec(spec, seed=seed, resampled=cfg.resampled,
+                                          allow_pipe=cfg.allow_pipe, allow_remote=cfg.allow_remote)  # fmt: skip
+
+    if cfg.sources:
+        return MixedSource(tuple(shards(s.train_shards) for s in cfg.sources),
+                           tuple(s.weight for s in cfg.sources))  # fmt: skip
+    return shards(cfg.train_shards)
 
 
 def build_train_loader(
