@@ -14,6 +14,9 @@ $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check "torch==2.13.0"
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	# Test-only: OpenCLIP's own tokenizer for the parity test. Without its dependencies
+	# (torchvision's PyPI wheel does not import beside the CPU torch); never used by the product.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps "open_clip_torch==3.3.0"
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -74,6 +74,10 @@ class DataConfig:
     tokenizer: str = str(BUILTIN_TOKENIZER_DIR)
     """Local directory of a saved CLIPTokenizer (default: the one shipped in data/)."""
 
+    allow_toy_tokenizer: bool = False
+    """Let a preset other than tiny/demo train with the shipped 1,553-token toy tokenizer
+    (refused by default: a ViT-B/32 or larger wants OpenAI's, `disco-clip make-tokenizer`)."""
+
     image_size: int = 64
     """Side S of the square (3, S, S) pixel tensors fed to the vision tower."""
 

@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "export": "trainer.interop.hf_export",
     "plot": "trainer.eval.plot",
     "plan": "trainer.plan.planner",
+    "make-tokenizer": "trainer.interop.clip_tokenizer",
 }
 
 

@@ -7,10 +7,13 @@ Loading order: dataclass defaults ← YAML file ← dotted overrides (`optim.lr=
 
 from __future__ import annotations
 
+import filecmp
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.config import DataConfig
+from data.paths import BUILTIN_TOKENIZER_DIR
 from trainer.checkpoint import CheckpointConfig
 from trainer.config_io import (
     ConfigError,
@@ -24,7 +27,7 @@ from trainer.engine import PRECISIONS, DeepSpeedConfig, OptimConfig, ScheduleCon
 from trainer.eval.evaluate import EvalConfig
 from trainer.losses.registry import LossConfig
 from trainer.metrics import LogConfig
-from trainer.model import ModelConfig
+from trainer.model import PRESETS, ModelConfig
 
 
 @dataclass
@@ -103,6 +106,68 @@ class Config:
                 f"{b} and be a multiple of the world size {world_size} (each rank hosts "
                 f"streams/world_size of them); e.g. data.streams={_streams_hint(b, world_size)}"
             )
+        self._check_model_fits_data()
+
+    def _check_model_fits_data(self) -> None:
+        """The model against the data section: tokenizer, context length, image size."""
+        model, data = self.model, self.data
+        vocab = _tokenizer_vocab_size(data.tokenizer)
+        if model.pretrained_dir:
+            hf = json.loads((Path(model.pretrained_dir) / "config.json").read_text())
+            text, vision = hf.get("text_config", {}), hf.get("vision_config", {})
+            model_image = vision.get("image_size", 224)
+            model_vocab = text.get("vocab_size", 49408)
+            positions = text.get("max_position_embeddings", 77)
+            if vocab is not None and vocab > model_vocab:
+                raise ConfigError(
+                    f"data.tokenizer: {vocab} tokens do not fit the vocabulary of "
+                    f"model.pretrained_dir ({model_vocab} embeddings); use its tokenizer"
+                )
+            if data.context_length > positions:
+                raise ConfigError(
+                    f"data.context_length: {data.context_length} is more than the "
+                    f"{positions} positions of model.pretrained_dir; use <= {positions}"
+                )
+        else:
+            model_image = PRESETS[model.preset]["vision_config"]["image_size"]
+        model_image = model.image_size or model_image
+        if data.image_size != model_image:
+            raise ConfigError(
+                f"data.image_size: {data.image_size} is not the model's image size "
+                f"{model_image}; set data.image_size={model_image} (or model.image_size)"
+            )
+        big = model.pretrained_dir or model.preset not in TOY_PRESETS
+        if big and not data.allow_toy_tokenizer and _is_toy_tokenizer(data.tokenizer):
+            name = model.pretrained_dir or model.preset
+            raise ConfigError(
+                f"data.tokenizer: {data.tokenizer} is the toy {vocab}-token tokenizer, made "
+                f"for the tiny/demo models, not for {name}; run 'disco-clip make-tokenizer "
+                f"--out DIR' and set data.tokenizer=DIR (or data.allow_toy_tokenizer=true)"
+            )
+
+
+TOY_PRESETS = ("tiny", "demo")
+
+
+def _is_toy_tokenizer(path: str) -> bool:
+    """The shipped toy tokenizer, or a copy of it (make-synthetic copies it into DIR/tokenizer)."""
+    mine, toy = Path(path) / "tokenizer.json", BUILTIN_TOKENIZER_DIR / "tokenizer.json"
+    return mine.is_file() and filecmp.cmp(mine, toy, shallow=False)
+
+
+def _tokenizer_vocab_size(path: str) -> int | None:
+    """Tokens of a tokenizer directory (tokenizer.json or vocab.json), without transformers."""
+    directory = Path(path)
+    try:
+        if (directory / "tokenizer.json").is_file():
+            tree = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+            ids = list(tree["model"]["vocab"].values())
+            ids += [t["id"] for t in tree.get("added_tokens", [])]
+        else:
+            ids = list(json.loads((directory / "vocab.json").read_text(encoding="utf-8")).values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # load_tokenizer names the problem when the run starts
+    return max(ids) + 1 if ids else None
 
 
 def _streams_hint(batch: int, world_size: int) -> int:

@@ -40,22 +40,56 @@ PRESETS: dict[str, dict] = {
         ),
         "projection_dim": 64,
     },
-    # The paper's model (OpenAI CLIP ViT-B/32 sizes; transformers' defaults).
-    "vit_b32": {
+}
+
+
+def _openclip_vit(
+    embed: int, image: int, patch: int, v_width: int, v_layers: int, v_heads: int,
+    t_width: int, t_layers: int, t_heads: int, act: str,
+) -> dict:  # fmt: skip
+    """An OpenCLIP ViT config (open_clip/model_configs/*.json) as HF CLIPConfig fields: MLP ratio
+    4, context 77 and vocab 49408 (build_clip_config sets both from data.context_length and the
+    tokenizer), `act` quick_gelu (OpenAI's weights, OpenCLIP's *-quickgelu) or gelu."""
+    return {
         "vision_config": dict(
-            image_size=224,
-            patch_size=32,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
+            image_size=image,
+            patch_size=patch,
+            hidden_size=v_width,
+            intermediate_size=4 * v_width,
+            num_hidden_layers=v_layers,
+            num_attention_heads=v_heads,
+            hidden_act=act,
         ),
         "text_config": dict(
-            hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8
+            hidden_size=t_width,
+            intermediate_size=4 * t_width,
+            num_hidden_layers=t_layers,
+            num_attention_heads=t_heads,
+            max_position_embeddings=77,
+            vocab_size=49408,
+            hidden_act=act,
         ),
-        "projection_dim": 512,
-    },
+        "projection_dim": embed,
+    }
+
+
+# OpenCLIP's ViT family. Unsuffixed B/L presets are OpenAI's models (quick_gelu, as HF's
+# openai/clip-vit-* and OpenCLIP's ViT-*-quickgelu); `_gelu` = OpenCLIP's plain ViT-* configs
+# (e.g. the LAION-2B B/32 and L/14). ViT-H-14 exists only in OpenCLIP: gelu, with head width 80.
+_VITS = {
+    # name: embed, image, patch, vision width/layers/heads, text width/layers/heads
+    "vit_b32": (512, 224, 32, 768, 12, 12, 512, 12, 8),  # the paper's model
+    "vit_b16": (512, 224, 16, 768, 12, 12, 512, 12, 8),
+    "vit_l14": (768, 224, 14, 1024, 24, 16, 768, 12, 12),
+    "vit_l14_336": (768, 336, 14, 1024, 24, 16, 768, 12, 12),
 }
+for _name, _shape in _VITS.items():
+    PRESETS[_name] = _openclip_vit(*_shape, act="quick_gelu")
+    PRESETS[_name + "_gelu"] = _openclip_vit(*_shape, act="gelu")
+PRESETS["vit_h14"] = _openclip_vit(1024, 224, 14, 1280, 32, 16, 1024, 24, 16, act="gelu")
+PRESETS["vit_h14_quickgelu"] = _openclip_vit(
+    1024, 224, 14, 1280, 32, 16, 1024, 24, 16, act="quick_gelu"
+)
 
 
 # The demo model: "tiny" with 4-px patches (64 tokens at 32 px) and narrower MLPs. 8-px patches
@@ -71,7 +105,8 @@ PRESETS["demo"] = {
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
-    """Architecture preset: one of PRESETS (tiny, vit_b32). Ignored with pretrained_dir."""
+    """Architecture preset: one of PRESETS (tiny, demo, vit_b32, vit_b16, vit_l14, vit_l14_336,
+    vit_h14; `_gelu`/`_quickgelu` variants). Ignored with pretrained_dir."""
     pretrained_dir: str = ""
     """A local Hugging Face CLIP directory (config.json + model.safetensors) to start from."""
     image_size: int = 0
@@ -215,10 +250,31 @@ def load_hf_weights(model: TrainableCLIP, directory: Path, *, zero3: bool) -> No
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pretrained_dir needs safetensors weights")
     state = load_file(str(path))
+    check_keys(model, state, path)
     if not zero3:
         model.load_state_dict(state, strict=False)
         return
     _load_partitioned(model, state)
+
+
+def check_keys(model: TrainableCLIP, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Missing or unexpected weights are an error (a checkpoint with other key names would
+    otherwise train from scratch without a word); HF's position_ids buffers excepted, and
+    logit_bias, which a SigLIP run adds (and HF CLIP checkpoints lack)."""
+    expected = {k for k in model.state_dict() if not k.endswith("position_ids")}
+    given = {k for k in state if not k.endswith("position_ids")}
+    missing = sorted(expected - given - {"logit_bias"})
+    unexpected = sorted(given - expected)
+    if missing or unexpected:
+        parts = [
+            f"{len(keys)} {what} ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})"
+            for what, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        ]
+        raise ValueError(
+            f"model.pretrained_dir: {path} does not match the model: {'; '.join(parts)} "
+            "weight names; convert it to HF CLIPModel names"
+        )
 
 
 def _load_partitioned(model: TrainableCLIP, state: dict[str, torch.Tensor]) -> None:

@@ -49,7 +49,7 @@ def test_resolved_config_round_trips(shards, tmp_path) -> None:
         (["train.global_batch_size=15"], "train.global_batch_size: 15 is not divisible"),
         (["train.precision=fp8"], "train.precision must be one of"),
         (["loss.name=infonce"], "loss.name: unknown loss"),
-        (["model.preset=vit_h14"], "model.preset: unknown"),
+        (["model.preset=vit_z99"], "model.preset: unknown"),
         (["deepspeed.config=nowhere.json"], "deepspeed.config: nowhere.json not found"),
         (["data.train_shards=/nonexistent/{0..3}.tar"], "data.train_shards: no .tar files"),
         (["checkpoint.resume=/nonexistent"], "checkpoint.resume: /nonexistent is not a complete"),

@@ -140,7 +140,7 @@ def test_parse_memory() -> None:
     ("argv", "message"),
     [
         (["--batch", "1000", "--gpus", "64"], "not divisible"),
-        (["--model", "vit_h14"], "unknown 'vit_h14'"),
+        (["--model", "vit_z99"], "unknown 'vit_z99'"),
         (["--gpu-memory", "40XB"], "cannot parse '40XB'"),
     ],
 )
