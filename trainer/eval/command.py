@@ -1,4 +1,9 @@
-"""`disco-clip eval --model HF_DIR_OR_CHECKPOINT --zeroshot DIR [--retrieval SHARDS]`.
+"""`disco-clip eval --model HF_DIR_OR_CHECKPOINT [--zeroshot DIR] [--retrieval SHARDS_OR_FILE]
+[--imagenet ROOT] [--imagenet-v2 ROOT] [--imagenet-r ROOT] [--imagenet-sketch ROOT]
+[--imagenet-a ROOT] [--out results.json]`.
+
+The ImageNet-family flags run trainer/eval/suites.py (CLIP's 80 prompts by default) and print a
+paper-style table (row = the model, columns = the sets, top-1 %); --out writes it as JSON.
 
 One process; the same code as the periodic eval in training (trainer/eval/evaluate.py). --model is
 an exported / HF CLIP directory or anything `disco-clip export --checkpoint` accepts (see the
@@ -17,6 +22,7 @@ import torch
 
 from trainer.config_io import ConfigError, validate_tree
 from trainer.eval.evaluate import EvalConfig, evaluate
+from trainer.eval.suites import SUITES, format_table
 from trainer.interop.run_checkpoint import InteropError
 
 EXIT_USAGE = 2
@@ -73,7 +79,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "in the zero-shot dir or its parent)")  # fmt: skip
     parser.add_argument("--templates", default="builtin",
                         help="builtin, imagenet80 or a file of templates")  # fmt: skip
-    parser.add_argument("--retrieval", default="", help="image-caption .tar shards")
+    parser.add_argument("--retrieval", default="", help="image-caption .tar shards or a "
+                        ".json/.csv caption file (k captions per image allowed)")  # fmt: skip
+    for suite in SUITES:
+        parser.add_argument("--" + suite.key.replace("_", "-"), default="", metavar="ROOT",
+                            help=f"{suite.title} root ({_LAYOUT_HELP[suite.layout]})")  # fmt: skip
+    parser.add_argument("--suite-templates", default="imagenet80",
+                        help="templates for the ImageNet sets (default: CLIP's 80)")  # fmt: skip
+    parser.add_argument("--label", default="", help="row label in the table (default: "
+                        "the --model directory name)")  # fmt: skip
+    parser.add_argument("--out", type=Path, help="write the ImageNet-sets table (and all "
+                        "metrics) to this JSON file")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-samples", type=int, default=0, help="0 = all")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda "
@@ -82,14 +98,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run)
 
 
+_LAYOUT_HELP = {"wnid": "folders named by wnid, n01440764/...", "index": "folders 0 ... 999"}
+
+
+def _is_percent(key: str) -> bool:
+    if key.endswith(("_images", "_pairs", "_classes")):
+        return False
+    return key.startswith(("zeroshot_top", "retrieval_")) or key.endswith(("_top1", "_top5"))
+
+
 def _run(args: argparse.Namespace) -> int:
+    suites = {s.key: getattr(args, s.key) for s in SUITES if getattr(args, s.key)}
     cfg = EvalConfig(
         zeroshot_dir=args.zeroshot, classnames=args.classnames, templates=args.templates,
         retrieval_shards=args.retrieval, batch_size=args.batch_size, max_samples=args.max_samples,
+        suites=suites, suite_templates=args.suite_templates,
     )  # fmt: skip
     try:
-        if not (cfg.zeroshot_dir or cfg.retrieval_shards):
-            raise ConfigError("give --zeroshot DIR and/or --retrieval SHARDS")
+        if not (cfg.zeroshot_dir or cfg.retrieval_shards or cfg.suites):
+            raise ConfigError(
+                "give --zeroshot DIR, --retrieval SHARDS_OR_FILE and/or an ImageNet set "
+                "(--imagenet ROOT, --imagenet-v2, --imagenet-r, --imagenet-sketch, --imagenet-a)"
+            )
         device = resolve_device(args.device)
         validate_tree(EvalConfig(**{**vars(cfg), "every": 1}))  # every=1: classnames checked
         if not Path(args.model).exists():
@@ -100,9 +130,21 @@ def _run(args: argparse.Namespace) -> int:
         print(f"disco-clip eval: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return EXIT_USAGE
     for key, value in metrics.items():
-        shown = f"{100 * value:.2f}%" if key.startswith(("zeroshot_top", "retrieval_")) and (
-            not key.endswith(("images", "pairs"))) else str(value)  # fmt: skip
-        print(f"{key}: {shown}")
+        print(f"{key}: {f'{100 * value:.2f}%' if _is_percent(key) else value}")
+    if suites:
+        label = args.label or Path(args.model).resolve().name
+        top1 = {key: metrics[f"{key}_top1"] for key in suites}
+        print()
+        print(format_table({label: top1}))
     if args.json:
         args.json.write_text(json.dumps(metrics, indent=1) + "\n")
+    if args.out:
+        sets = {
+            s.key: {"title": s.title, "root": suites[s.key],
+                    **{k: metrics[f"{s.key}_{k}"] for k in ("top1", "top5", "images", "classes")}}
+            for s in SUITES if s.key in suites
+        }  # fmt: skip
+        out = {"model": str(args.model), "label": args.label or Path(args.model).resolve().name,
+               "templates": args.suite_templates, "sets": sets, "metrics": metrics}  # fmt: skip
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
     return 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from trainer.dist import collective_device
-from trainer.eval.retrieval import recall_at_k
 from trainer.eval.zeroshot import BUILTIN_TEMPLATE_SETS, class_embeddings, prompts, zeroshot_metrics
 
 T = TypeVar("T")
@@ -51,8 +50,16 @@ class EvalConfig:
     """Prompt templates: "builtin" (small set for the built-in dataset), "imagenet80" (CLIP's
     80 ImageNet prompts) or a text file with one template per line, each with one '{}'."""
     retrieval_shards: str = ""
-    """Held-out image-caption pairs (webdataset shards, e.g. DIR/val_pairs) for recall@1/5/10;
-    "" = no retrieval eval."""
+    """Held-out captioned images for recall@1/5/10 (k captions per image allowed, see
+    trainer/eval/retrieval.py): webdataset shards (e.g. DIR/val_pairs; captions = the .json's
+    "captions" list, else the lines of the .txt) or a .json/.csv caption file (see
+    data/eval_sets.load_caption_file). "" = no retrieval eval."""
+    suites: dict[str, str] = field(default_factory=dict)
+    """ImageNet-family zero-shot sets {name: ROOT}, in their standard layouts (see
+    trainer/eval/suites.py): imagenet, imagenet_v2, imagenet_r, imagenet_sketch, imagenet_a.
+    Logged as <name>_top1 / <name>_top5. {} = none."""
+    suite_templates: str = "imagenet80"
+    """Prompt templates for `suites` (same forms as `templates`)."""
     batch_size: int = 64
     """Images (or prompts) per forward, per rank."""
     max_samples: int = 0
@@ -70,7 +77,36 @@ class EvalConfig:
                 f"templates: {self.templates!r} is not a file; use builtin, imagenet80 or a "
                 "text file with one template per line"
             )
-        if self.zeroshot_dir and not _is_imagefolder(self.zeroshot_dir):
+        if (
+            self.suite_templates not in BUILTIN_TEMPLATE_SETS
+            and not Path(self.suite_templates).is_file()
+        ):
+            raise ValueError(
+                f"suite_templates: {self.suite_templates!r} is not a file; use imagenet80, "
+                "builtin or a text file with one template per line"
+            )
+        # Every named set is opened and checked here, so a bad one fails before training.
+        if self.zeroshot_dir:
+            self._check_zeroshot()
+        if self.retrieval_shards:
+            self._check_retrieval()
+        if self.suites:
+            from trainer.eval.suites import SUITE_BY_KEY, check_suite
+
+            for key, root in self.suites.items():
+                if key not in SUITE_BY_KEY:
+                    raise ValueError(
+                        f"suites: unknown set {key!r}; use one of {', '.join(SUITE_BY_KEY)}"
+                    )
+                try:
+                    check_suite(key, root)
+                except ValueError as err:
+                    raise ValueError(f"suites.{key}: {err}") from None
+
+    def _check_zeroshot(self) -> None:
+        from data.eval_sets import check_shards, imagefolder_samples, load_classnames
+
+        if not _is_imagefolder(self.zeroshot_dir):
             from data.shards import expand_shards
 
             if not expand_shards(self.zeroshot_dir):
@@ -78,19 +114,72 @@ class EvalConfig:
                     f"zeroshot_dir: {self.zeroshot_dir} is neither an ImageFolder directory nor "
                     "matches .tar shards; point it at e.g. DIR/val from make-synthetic"
                 )
-        if self.zeroshot_dir and self.every and not find_classnames(self):
-            raise ValueError(
-                f"classnames: no classnames.txt in {self.zeroshot_dir} or its parent; set "
-                "eval.classnames to the file"
-            )
-        if self.retrieval_shards:
+            try:
+                check_shards(self.zeroshot_dir, "label")
+            except ValueError as err:
+                raise ValueError(f"zeroshot_dir: {err}") from None
+            if self.every and not find_classnames(self):
+                raise ValueError(
+                    f"classnames: no classnames.txt in {self.zeroshot_dir} or its parent; set "
+                    "eval.classnames to the file"
+                )
+            return
+        hint = _wnid_hint(self.zeroshot_dir)
+        path = find_classnames(self)
+        if path is None:
+            if self.every:
+                raise ValueError(
+                    f"classnames: no classnames.txt in {self.zeroshot_dir} or its parent; set "
+                    f"eval.classnames to the file{hint}"
+                )
+            return
+        names = load_classnames(path)
+        if not names:
+            raise ValueError(f"classnames: {path} lists no classes")
+        try:
+            samples = imagefolder_samples(self.zeroshot_dir, names)
+        except ValueError as err:
+            raise ValueError(f"zeroshot_dir: {err}{hint}") from None
+        if not samples:
+            raise ValueError(f"zeroshot_dir: no images in the class folders of {self.zeroshot_dir}")
+
+    def _check_retrieval(self) -> None:
+        from data.eval_sets import CAPTION_FILE_EXTS, check_shards, load_caption_file
+
+        spec = self.retrieval_shards
+        try:
+            if Path(spec).suffix.lower() in CAPTION_FILE_EXTS:
+                if not Path(spec).is_file():
+                    raise ValueError(f"caption file {spec} does not exist")
+                load_caption_file(spec)
+                return
             from data.shards import expand_shards
 
-            if not expand_shards(self.retrieval_shards):
+            if not expand_shards(spec):
                 raise ValueError(
-                    f"retrieval_shards: no .tar files match {self.retrieval_shards}; point it "
-                    "at held-out pairs, e.g. DIR/val_pairs"
+                    f"no .tar files match {spec}; point it at held-out pairs, e.g. "
+                    "DIR/val_pairs, or at a .json/.csv caption file"
                 )
+            check_shards(spec, "captions")
+        except ValueError as err:
+            raise ValueError(f"retrieval_shards: {err}") from None
+
+
+def _wnid_hint(path: str) -> str:
+    """A pointer to eval.suites when `path` holds ImageNet-style wnid (or V2 index) folders."""
+    from trainer.eval.suites import WNID_RE
+
+    folders = [p.name for p in Path(path).iterdir() if p.is_dir()]
+    if folders and all(WNID_RE.match(name) for name in folders):
+        return (
+            f"; {path} looks like an ImageNet wnid layout (n01440764/...): give it as "
+            "eval.suites.imagenet (or imagenet_r/_a/_sketch; disco-clip eval --imagenet ...)"
+        )
+    if folders and all(name.isdigit() for name in folders) and len(folders) > 100:
+        return (
+            f"; {path} looks like ImageNet-V2 (folders 0...999): give it as eval.suites.imagenet_v2"
+        )
+    return ""
 
 
 def _is_imagefolder(path: str) -> bool:
@@ -268,33 +357,67 @@ def zeroshot_eval(
     return {**metrics, "zeroshot_images": len(images["label"])}
 
 
+def retrieval_items(cfg: EvalConfig) -> Iterable[tuple[Any, list[str]]]:
+    """(image or path, captions) of the configured retrieval set (shards or caption file)."""
+    from data.eval_sets import CAPTION_FILE_EXTS, load_caption_file, wds_captioned
+
+    spec = cfg.retrieval_shards
+    if Path(spec).suffix.lower() in CAPTION_FILE_EXTS:
+        items: Iterable[tuple[Any, list[str]]] = load_caption_file(spec)
+    else:
+        items = wds_captioned(spec)
+    if cfg.max_samples:
+        items = itertools.islice(items, cfg.max_samples)
+    return items
+
+
 def retrieval_eval(
     model, tokenizer, cfg: EvalConfig, *, rank: int, world_size: int, device: torch.device
 ) -> dict:
-    from data.eval_sets import wds_pairs
     from data.transforms import eval_transform
+    from trainer.eval.retrieval import recall_at_k_multi
 
     size = model.config.vision_config.image_size
     transform = eval_transform(size)
-    pairs: Iterable[tuple[Image.Image, str]] = wds_pairs(cfg.retrieval_shards)
-    if cfg.max_samples:
-        pairs = itertools.islice(pairs, cfg.max_samples)
+    # (global image id, image, captions): ids survive the rank-major gather
+    items = ((i, img, caps) for i, (img, caps) in enumerate(retrieval_items(cfg)))
 
-    def encode_batch(batch: list[tuple[Image.Image, str]]) -> dict[str, torch.Tensor]:
-        pixels = torch.stack([transform(img) for img, _ in batch])  # (n, 3, S, S), CPU
+    def encode_batch(batch: list[tuple[int, Any, list[str]]]) -> dict[str, torch.Tensor]:
+        pixels = torch.stack([transform(_open(img)) for _, img, _ in batch])  # (n, 3, S, S)
+        captions = [c for _, _, caps in batch for c in caps]
+        owners = [i for i, _, caps in batch for _ in caps]
         return {
-            "image": encode_images(model, pixels, device),
-            "text": encode_texts(model, tokenizer, [caption for _, caption in batch], device),
+            "image": encode_images(model, pixels, device),  # (n, d)
+            "image_id": torch.tensor([i for i, _, _ in batch], device=device),  # (n,)
+            "text": encode_texts(model, tokenizer, captions, device),  # (m, d)
+            "text_image_id": torch.tensor(owners, device=device),  # (m,)
         }
 
-    dummy = (Image.new("RGB", (size, size)), "a")
+    dummy = (0, Image.new("RGB", (size, size)), ["a"])
     feats = gather_encoded(
-        encode_batch, pairs, dummy=dummy, batch_size=cfg.batch_size, rank=rank,
+        encode_batch, items, dummy=dummy, batch_size=cfg.batch_size, rank=rank,
         world_size=world_size,
     )  # fmt: skip
     if not feats:
-        raise ValueError(f"eval.retrieval_shards: no image-caption pairs in {cfg.retrieval_shards}")
-    return {**recall_at_k(feats["image"], feats["text"]), "retrieval_pairs": len(feats["image"])}
+        raise ValueError(f"eval.retrieval_shards: no captioned images in {cfg.retrieval_shards}")
+    n = len(feats["image_id"])
+    position = torch.empty(n, dtype=torch.long, device=feats["image_id"].device)
+    position[feats["image_id"]] = torch.arange(n, device=position.device)  # image id -> row
+    caption_image = position[feats["text_image_id"]]
+    metrics = recall_at_k_multi(feats["image"], feats["text"], caption_image)
+    return {**metrics, "retrieval_images": n, "retrieval_pairs": len(caption_image)}
+
+
+def suites_eval(
+    model, tokenizer, cfg: EvalConfig, *, rank: int, world_size: int, device: torch.device
+) -> dict[str, dict]:
+    """trainer/eval/suites.run_suites on cfg.suites: {set: {top1, top5, images, classes}}."""
+    from trainer.eval.suites import run_suites
+
+    return run_suites(
+        model, tokenizer, cfg.suites, templates=cfg.suite_templates, batch_size=cfg.batch_size,
+        max_samples=cfg.max_samples, rank=rank, world_size=world_size, device=device,
+    )  # fmt: skip
 
 
 def evaluate(
@@ -321,6 +444,10 @@ def evaluate(
                 metrics.update(zeroshot_eval(model, tokenizer, cfg, **shard))
             if cfg.retrieval_shards:
                 metrics.update(retrieval_eval(model, tokenizer, cfg, **shard))
+            if cfg.suites:
+                from trainer.eval.suites import flat_metrics
+
+                metrics.update(flat_metrics(suites_eval(model, tokenizer, cfg, **shard)))
     finally:
         model.train(was_training)
     return metrics
