@@ -4,6 +4,11 @@ Shared by `disco-clip export` (trainer/interop/hf_export.py) and `disco-clip eva
 (trainer/eval/command.py). A path may be a run dir, its checkpoints/ dir (newest complete tag)
 or one complete tag dir.
 
+Every file of the checkpoint is checked against its MANIFEST.json (size, sha256) first: a
+damaged tag dir given by name is refused with one line naming the file; given a run dir, the
+newest intact checkpoint is taken and the damaged newer ones are named on stderr. Checkpoints
+from before manifests are read with a warning.
+
 Trust boundary (docs/trust.md): DeepSpeed's checkpoint files are pickles holding more than
 tensors, and DeepSpeed's own merger (zero_to_fp32) unpickles them with weights_only=False.
 Export and eval therefore execute whatever a checkpoint file contains: point them only at
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import COMPLETE, complete_tags
+from trainer.checkpoint import COMPLETE, complete_tags, damaged_note, unverified_note, verify
 
 
 class InteropError(ValueError):
@@ -37,10 +42,23 @@ class CheckpointRef:
         return int(self.tag.split("_")[1])
 
 
+def warn(line: str) -> None:
+    print(f"disco-clip: warning: {line}", file=sys.stderr, flush=True)
+
+
 def resolve_checkpoint(path: str | Path) -> CheckpointRef:
-    """A run dir, its checkpoints/ dir (newest complete tag) or one complete tag dir."""
+    """A run dir, its checkpoints/ dir (newest intact complete tag) or one complete tag dir,
+    verified against its manifest (module doc)."""
     path = Path(path)
     if (path / COMPLETE).is_file():
+        verdict = verify(path)
+        if verdict.status == "damaged":
+            raise InteropError(
+                f"--checkpoint: checkpoint {path.name} is damaged ({verdict.detail}); refusing "
+                "to read it: pass another checkpoint, or the run dir to take its newest intact one"
+            )
+        if verdict.status == "unverified":
+            warn(unverified_note(path.name))
         return CheckpointRef(path.parent.parent, path.parent, path.name)
     ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     tags = complete_tags(ckpt_dir)
@@ -49,10 +67,23 @@ def resolve_checkpoint(path: str | Path) -> CheckpointRef:
             f"--checkpoint: {path} holds no complete checkpoint; pass a run dir, its "
             "checkpoints/ dir or a checkpoints/step_XXXXXXXX dir with a COMPLETE marker"
         )
-    ref = CheckpointRef(ckpt_dir.parent, ckpt_dir, tags[-1])
-    if not (ref.run_dir / "config.yaml").is_file():
-        raise InteropError(f"--checkpoint: {ref.run_dir} has no config.yaml; is this a run dir?")
-    return ref
+    if not (ckpt_dir.parent / "config.yaml").is_file():
+        raise InteropError(
+            f"--checkpoint: {ckpt_dir.parent} has no config.yaml; is this a run dir?"
+        )
+    damaged: list[tuple[str, str]] = []
+    for tag in reversed(tags):
+        verdict = verify(ckpt_dir / tag)
+        if verdict.status == "damaged":
+            damaged.append((tag, verdict.detail))
+            continue
+        if damaged:
+            warn(damaged_note(damaged, tag, verb="reading"))
+        if verdict.status == "unverified":
+            warn(unverified_note(tag))
+        return CheckpointRef(ckpt_dir.parent, ckpt_dir, tag)
+    said = "; ".join(f"{tag}: {detail}" for tag, detail in damaged)
+    raise InteropError(f"--checkpoint: no intact checkpoint in {ckpt_dir} (damaged: {said})")
 
 
 def load_run_config(run_dir: Path):
