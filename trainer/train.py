@@ -8,11 +8,14 @@ checkpoint.resume=auto), 1 anything else.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -41,11 +44,14 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self) -> bool:
-        """True on every rank as soon as any rank got a signal (ranks must stop together)."""
-        flag = torch.tensor([float(self.requested)], device=collective_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def agreed(self, skipped_samples: int = 0) -> tuple[bool, int]:
+        """(stop now, bad samples skipped by all ranks so far), the same on every rank: True as
+        soon as any rank got a signal (ranks must stop together). One collective for both."""
+        flags = torch.tensor([float(self.requested), float(skipped_samples)],
+                             device=collective_device())  # fmt: skip
+        dist.all_reduce(flags)  # SUM: any rank's signal, every rank's skips
+        requested, skipped = flags.tolist()
+        return requested > 0, int(skipped)
 
 
 def prepare_run_dir(cfg: Config, info: DistInfo) -> Path:
@@ -101,21 +107,27 @@ def train(cfg: Config, info: DistInfo, run_dir: Path) -> int:
     from trainer.build import build_components
     from trainer.losses import make_objective
     from trainer.metrics import MetricsLogger
-    from trainer.step import train_step
 
     ckpt_dir = run_dir / "checkpoints"
     # Bad input that only shows while setting up (a tokenizer that does not parse, a loader
     # state saved with other data settings) is the same on every rank: one line, exit 2.
     try:
+        # One decision for all ranks, on storage all ranks share (trainer/checkpoint.py).
+        checkpoint.check_shared_run_dir(run_dir)
+        resume_dir, notes = checkpoint.choose_resume(cfg.checkpoint, ckpt_dir)
         parts = build_components(cfg, info)  # model, engine, loader, tokenizer (see build.py)
         engine, loader = parts.engine, parts.loader
         check_free_space(engine, ckpt_dir)
         start_step = 0
-        resume_dir = checkpoint.find_resume_dir(cfg.checkpoint, ckpt_dir)
         if resume_dir is not None:
-            client = checkpoint.load(engine, resume_dir, rank=info.rank)
-            start_step = client["step"]
-            loader.load_state_dict(client["data"])
+            resumed = checkpoint.load(engine, resume_dir, rank=info.rank)
+            start_step, saved_world = resumed.step, resumed.saved_world_size
+            data_states = checkpoint.load_data_states(resume_dir, saved_world)
+            # Every saved rank's data position: on another world size each rank takes the
+            # logical streams it now hosts (docs/data_order.md), so the order carries on.
+            loader.load_state_dict(data_states)
+            if info.is_main and (notes or resumed.notes):
+                print("\n".join([*notes, *resumed.notes]), flush=True)
             print(f"[rank {info.rank}] resumed from {resume_dir} at step {start_step}", flush=True)
     except ValueError as err:
         raise ConfigError(str(err).strip().splitlines()[0]) from err
@@ -126,12 +138,27 @@ def train(cfg: Config, info: DistInfo, run_dir: Path) -> int:
     objective = make_objective(cfg.loss)
     objective_at = debug_nan_injection(objective, cfg.train.inject_nan_at_step)
     stop = StopRequest()
+
+    try:
+        return _loop(
+            cfg, info, parts, metrics, objective_at, stop, step=start_step, ckpt_dir=ckpt_dir
+        )
+    finally:
+        loader.close()  # worker processes end before the process does
+        metrics.close()
+
+
+def _loop(cfg, info, parts, metrics, objective_at, stop, *, step: int, ckpt_dir: Path) -> int:
+    """The training loop proper: step, agree, log, eval, checkpoint, until done or stopped."""
+    from trainer import checkpoint
+    from trainer.step import train_step
+
+    engine, loader = parts.engine, parts.loader
     batches = iter(loader)
-    skipped_steps, step = 0, start_step
+    skipped_steps = 0
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         cfg.train.precision
     ]
-
     while step < cfg.train.steps:
         lr = engine.get_lr()[0]
         started = time.perf_counter()
@@ -141,6 +168,7 @@ def train(cfg: Config, info: DistInfo, run_dir: Path) -> int:
         )
         step += 1
         if not out.applied:
+            checkpoint.advance_schedule(engine)  # a skipped step counts in the schedule too
             skipped_steps += 1
             if cfg.train.nonfinite == "stop":
                 print(
@@ -150,17 +178,17 @@ def train(cfg: Config, info: DistInfo, run_dir: Path) -> int:
                 )
                 return 1
         seconds = time.perf_counter() - started
+        preempted, skipped_samples = stop.agreed(loader.skipped_samples)
         metrics.log("train", step, {
             "loss": out.loss, "lr": lr, "logit_scale": out.logit_scale,
             "samples_per_s": cfg.train.global_batch_size / seconds,
-            "skipped_samples": loader.skipped_samples, "skipped_steps": skipped_steps,
+            "skipped_samples": skipped_samples, "skipped_steps": skipped_steps,
         })  # fmt: skip
 
         if due(step, cfg.eval.every) or (step == cfg.train.steps and cfg.eval.every > 0):
             from trainer.eval.evaluate import run_periodic_eval
 
             metrics.log("eval", step, run_periodic_eval(engine.module, cfg.eval, parts, info))
-        preempted = stop.agreed()
         at_end = step == cfg.train.steps and cfg.checkpoint.at_end
         if due(step, cfg.checkpoint.every) or preempted or at_end:
             checkpoint.save(
@@ -171,9 +199,7 @@ def train(cfg: Config, info: DistInfo, run_dir: Path) -> int:
             print(
                 f"[rank {info.rank}] stop requested: checkpoint at step {step} written", flush=True
             )
-            metrics.close()
             return EXIT_PREEMPTED
-    metrics.close()
     return 0
 
 
@@ -191,6 +217,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Validate, start the process group, train. Errors before the process group return an exit
+    code; once the group is up this never returns: the process ends in `_end_process`."""
     info = read_dist_info()
     try:
         cfg = load_config(args.config, args.overrides, info.world_size)
@@ -199,7 +227,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"disco-clip: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
 
-    from trainer.checkpoint import CheckpointError
     from trainer.dist import init_distributed
 
     try:
@@ -207,6 +234,18 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:  # a launch that gives this rank no usable GPU (trainer/dist.py)
         print(f"disco-clip: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    try:
+        code = _train_and_report(cfg, info, run_dir)
+    except BaseException:  # whatever it is, the process still ends the way _end_process says
+        traceback.print_exc()
+        code = 1
+    _end_process(code, healthy=code in (0, EXIT_PREEMPTED))
+
+
+def _train_and_report(cfg: Config, info: DistInfo, run_dir: Path) -> int:
+    """train(), with every foreseen failure turned into one line and an exit code."""
+    from trainer.checkpoint import CheckpointError
+
     try:
         return train(cfg, info, run_dir)
     except ConfigError as err:
@@ -218,7 +257,8 @@ def run(args: argparse.Namespace) -> int:
     except (RuntimeError, dist.DistBackendError) as err:
         data_error = [line for line in str(err).splitlines() if "no usable sample" in line]
         if data_error:  # data/stream.py: not one readable image-caption pair in the shards
-            print(f"disco-clip: error: data.train_shards: {data_error[0].strip()}", file=sys.stderr)
+            key = "data.hf_path" if cfg.data.source == "hf" else "data.train_shards"
+            print(f"disco-clip: error: {key}: {data_error[0].strip()}", file=sys.stderr)
             return EXIT_CONFIG
         why = lost_peer(err)
         if not why:
@@ -237,9 +277,31 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+
+def _end_process(code: int, *, healthy: bool) -> NoReturn:
+    """End a training process that started a process group, without interpreter finalization.
+
+    Why: gloo's worker threads (ProcessGroupGloo::runLoop) drop finished work items, and with
+    them the last reference to tensors that own Python objects, after the main thread moved on.
+    DeepSpeed keeps references to its process groups, so destroy_process_group does not destroy
+    them: they die during interpreter finalization, where a worker thread that needs the GIL to
+    drop such a tensor is unwound by pthread_exit inside a noexcept destructor, and the process
+    aborts ("terminate called without an active exception", SIGABRT; caught with a backtrace in
+    c10::TensorImpl::decref_pyobject under ProcessGroupGloo::runLoop, about 1 run in 7 of the
+    ZeRO-3 gradient-caching test on a loaded machine). So: every rank reaches the barrier (which
+    on gloo also waits for every earlier collective), the group is taken down, the streams are
+    flushed, and the process leaves with os._exit before any C++ destructor can run. Everything
+    the run writes is closed (metrics, loader workers) or atomically renamed by then.
+    """
+    if dist.is_initialized():
+        if healthy:  # a dead peer would make the barrier wait for the timeout
+            with contextlib.suppress(RuntimeError, dist.DistBackendError):
+                dist.barrier()  # a peer that failed after all: nothing left to wait for
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # What "another rank died or hung" looks like, by backend: gloo and the TCP store see a closed
