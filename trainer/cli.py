@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, str] = {
     "plot": "trainer.eval.plot",
     "plan": "trainer.plan.planner",
     "make-tokenizer": "trainer.interop.clip_tokenizer",
+    "convert": "trainer.interop.openclip",
 }
 
 

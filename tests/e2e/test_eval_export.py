@@ -201,3 +201,28 @@ def test_siglip_bias_goes_to_config(eval_runs, tmp_path, monkeypatch):
     config = CLIPModel.from_pretrained(out).config
     assert config.logit_bias == -7.5
     assert "logit_bias" in (out / "README.md").read_text()
+
+
+def test_export_openclip_format_of_a_run(eval_runs, tmp_path):
+    """`disco-clip export --format openclip` on a training run: OpenCLIP's two files, whose
+    weights convert back to exactly the run's (the OpenCLIP-side load is checked against
+    OpenCLIP itself in tests/unit/test_openclip_convert.py)."""
+    import json
+
+    from trainer.cli import main
+    from trainer.interop.openclip import load_openclip_state, openclip_to_hf
+    from trainer.interop.run_checkpoint import build_hf_model, resolve_checkpoint
+
+    out = tmp_path / "oc"
+    assert main(["export", "--format", "openclip", "--checkpoint", str(eval_runs[2]),
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+    ]
+    config = json.loads((out / "open_clip_config.json").read_text())
+    _, back = openclip_to_hf(load_openclip_state(out / "open_clip_model.safetensors"), config)
+    model, _, _ = build_hf_model(resolve_checkpoint(eval_runs[2]))
+    want = model.state_dict()
+    for key, value in back.items():
+        assert torch.equal(value.reshape(want[key].shape), want[key]), key

@@ -126,12 +126,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="run dir, RUN/checkpoints, or RUN/checkpoints/step_XXXXXXXX")  # fmt: skip
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--format", choices=["hf", "openclip"], default="hf",
+                        help="hf: Hugging Face CLIP dir; openclip: open_clip_config.json + "
+                             "open_clip_model.safetensors (open_clip 'local-dir:OUT')")  # fmt: skip
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        out = export(args.checkpoint, args.out, force=args.force)
+        if args.format == "openclip":
+            from trainer.interop.openclip import export_openclip
+
+            out = export_openclip(args.checkpoint, args.out, force=args.force)
+        else:
+            out = export(args.checkpoint, args.out, force=args.force)
     except (InteropError, FileNotFoundError) as err:
         print(f"disco-clip export: error: {err}", file=sys.stderr)
         return EXIT_USAGE
