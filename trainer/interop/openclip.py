@@ -333,8 +333,6 @@ def _one_line(err: Exception) -> str:
 
 def load_openclip_state(path: str | Path) -> dict[str, torch.Tensor]:
     """An OpenCLIP state dict from epoch_N.pt / a bare state dict / *.safetensors (module doc)."""
-    import pickle
-
     path = Path(path)
     if not path.is_file():
         raise InteropError(f"--checkpoint: {path} is not a file")
@@ -345,7 +343,7 @@ def load_openclip_state(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
+        except torch.serialization.pickle.UnpicklingError as err:  # the error type only
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
             if found:  # e.g. a __reduce__ payload: refused before anything in it runs
                 raise InteropError(
