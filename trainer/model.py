@@ -119,6 +119,23 @@ class ModelConfig:
     """Initial SigLIP bias (only used with loss.name=siglip)."""
     gradient_checkpointing: bool = False
     """Recompute tower activations in backward (HF gradient checkpointing)."""
+    lock_image: bool = False
+    """Freeze the vision tower and its projection (LiT); see lock_image_unlocked_groups."""
+    lock_image_unlocked_groups: int = 0
+    """With lock_image: keep the last k vision encoder layers trainable, and with k >= 1 also
+    post_layernorm and visual_projection (0: the whole tower is frozen)."""
+    lock_text: bool = False
+    """Freeze the text tower and its projection; see lock_text_unlocked_layers."""
+    lock_text_unlocked_layers: int = 0
+    """With lock_text: keep the last k text encoder layers trainable, and with k >= 1 also
+    final_layer_norm and text_projection (0: the whole tower is frozen)."""
+    patch_dropout: float = 0.0
+    """FLIP: share of image patch tokens dropped in training (class token kept); never in
+    eval or export."""
+    compile: bool = False
+    """torch.compile the vision and text towers (in place: state-dict keys unchanged)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend with model.compile (inductor; aot_eager compiles faster)."""
 
     def validate(self) -> None:
         if not self.pretrained_dir and self.preset not in PRESETS:
@@ -132,6 +149,11 @@ class ModelConfig:
             raise ValueError(f"image_size must be >= 0 (0 = preset's), got {self.image_size}")
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"patch_dropout must be in [0, 1), got {self.patch_dropout}")
+        for name in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -188,16 +210,44 @@ def _unsqueeze_scalars(module, state_dict, prefix, *args) -> None:
 class TrainableCLIP(CLIPModel):
     """CLIPModel whose forward returns (image_features, text_features, logit_scale)."""
 
-    def __init__(self, config: CLIPConfig, *, with_bias: bool = False, bias_init: float = -10.0):
+    def __init__(
+        self,
+        config: CLIPConfig,
+        *,
+        with_bias: bool = False,
+        bias_init: float = -10.0,
+        patch_dropout: float = 0.0,
+    ):
         super().__init__(config)
+        self.patch_dropout = patch_dropout  # a float, not a module: exports carry no trace of it
         self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init_value)))
         self.logit_bias = nn.Parameter(torch.full((1,), bias_init)) if with_bias else None
         self.register_state_dict_post_hook(_squeeze_scalars)
         self.register_load_state_dict_pre_hook(_unsqueeze_scalars)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        pooled = self.vision_model(pixel_values=pixel_values).pooler_output  # (b, hidden)
+        if self.training and self.patch_dropout > 0:
+            pooled = self._pooled_with_patch_dropout(pixel_values)
+        else:
+            pooled = self.vision_model(pixel_values=pixel_values).pooler_output  # (b, hidden)
         return F.normalize(self.visual_projection(pooled), dim=-1)  # (b, d)
+
+    def _pooled_with_patch_dropout(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """CLIPVisionModel.forward's steps, with a random subset of the patch tokens kept after
+        the embeddings (FLIP): the same count for every image, the class token always. Draws
+        from the global RNG, so gradient caching's RNG restore replays the masks."""
+        vision = self.vision_model
+        hidden = vision.embeddings(pixel_values)  # (b, 1 + n, h)
+        b, tokens, width = hidden.shape
+        n = tokens - 1
+        keep = n - round(n * self.patch_dropout)
+        scores = torch.rand(b, n, device=hidden.device)
+        kept = scores.argsort(dim=1)[:, :keep].sort(dim=1).values + 1  # (b, keep) token index
+        patches = hidden.gather(1, kept.unsqueeze(-1).expand(b, keep, width))
+        hidden = torch.cat([hidden[:, :1], patches], dim=1)  # (b, 1 + keep, h)
+        hidden = vision.pre_layrnorm(hidden)
+        last = vision.encoder(inputs_embeds=hidden).last_hidden_state
+        return vision.post_layernorm(last[:, 0, :])
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
@@ -228,7 +278,9 @@ def build_model(
     Under ZeRO-3 the caller must hold a live `HfDeepSpeedConfig` so that transformers
     constructs inside `deepspeed.zero.Init`.
     """
-    model = TrainableCLIP._from_config(config, with_bias=with_bias, bias_init=cfg.logit_bias_init)
+    model = TrainableCLIP._from_config(
+        config, with_bias=with_bias, bias_init=cfg.logit_bias_init, patch_dropout=cfg.patch_dropout
+    )
     if cfg.pretrained_dir:
         load_hf_weights(model, Path(cfg.pretrained_dir), zero3=zero3)
     elif initial_state is not None:
@@ -239,7 +291,78 @@ def build_model(
         # 0.19.8 refuses ("tracing error ... expected logit_scale"). The reentrant form
         # recomputes each layer as one unit and keeps the order (its RNG is preserved too).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": zero3})
+    for tower in lock_towers(model, cfg):
+        _checkpoint_only_trainable_layers(model, tower, reentrant=zero3)
+    if cfg.compile:
+        compile_towers(model, backend=cfg.compile_backend)
     return model
+
+
+def lock_towers(model: TrainableCLIP, cfg: ModelConfig) -> list[nn.ModuleList]:
+    """LiT: freeze the towers that cfg locks (requires_grad=False, so that parameter_groups
+    leaves them out of the optimizer at every ZeRO stage), except the last k encoder layers
+    and, with k >= 1, the final layer norm and projection. logit_scale/logit_bias stay
+    trainable. Returns the encoder layer lists of the locked towers."""
+    towers = []
+    for locked, k, tower, norm, projection in (
+        (cfg.lock_image, cfg.lock_image_unlocked_groups, model.vision_model,
+         model.vision_model.post_layernorm, model.visual_projection),
+        (cfg.lock_text, cfg.lock_text_unlocked_layers, model.text_model,
+         model.text_model.final_layer_norm, model.text_projection),
+    ):  # fmt: skip
+        if not locked:
+            continue
+        layers = tower.encoder.layers
+        if k > len(layers):
+            name = (
+                "lock_image_unlocked_groups"
+                if tower is model.vision_model
+                else "lock_text_unlocked_layers"
+            )
+            raise ValueError(f"model.{name}: {k} > the tower's {len(layers)} encoder layers")
+        for module in (tower, projection):
+            module.requires_grad_(False)
+        if k:
+            for module in (*layers[len(layers) - k :], norm, projection):
+                module.requires_grad_(True)
+        towers.append(layers)
+    return towers
+
+
+def _checkpoint_only_trainable_layers(
+    model: TrainableCLIP, layers: nn.ModuleList, *, reentrant: bool
+) -> None:
+    """Gradient checkpointing in a locked tower. HF's gradient_checkpointing_enable makes every
+    tower's input embeddings require grad (enable_input_require_grads), which would run a
+    backward through the frozen layers; that hook is removed for the locked tower, so its
+    frozen layers get no gradient, save no activations and run plain. Reentrant
+    checkpointing (ZeRO-3) gives a layer's weights no gradient when its input needs none, as
+    at the first unlocked layer, so that layer runs plain too: its output then requires grad
+    for the layers after it."""
+    tower = next(m for m in (model.vision_model, model.text_model) if m.encoder.layers is layers)
+    embeddings = tower.get_input_embeddings()
+    for hook in getattr(model, "_require_grads_hooks", []):
+        if hook.id in embeddings._forward_hooks:
+            hook.remove()
+    first_trainable = next(
+        (i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())),
+        len(layers),
+    )
+    # The embeddings of a locked tower are frozen, so the first trainable layer's input never
+    # requires grad.
+    plain = min(first_trainable + 1, len(layers)) if reentrant else first_trainable
+    for layer in layers[:plain]:
+        if getattr(layer, "gradient_checkpointing", False):
+            layer.gradient_checkpointing = False
+
+
+def compile_towers(model: TrainableCLIP, *, backend: str = "inductor") -> None:
+    """torch.compile both towers in place (nn.Module.compile: parameter names, state dicts
+    and DeepSpeed's hooks see the same modules). With patch dropout the training forward
+    calls the vision tower's parts itself, so there the vision encoder is compiled instead."""
+    vision = model.vision_model.encoder if model.patch_dropout > 0 else model.vision_model
+    vision.compile(backend=backend)
+    model.text_model.compile(backend=backend)
 
 
 def load_hf_weights(model: TrainableCLIP, directory: Path, *, zero3: bool) -> None:

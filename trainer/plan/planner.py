@@ -117,6 +117,11 @@ class PlanSpec:
     """Assumed mean undecoded sample in a shuffle buffer (40 KiB: LAION at 256 px)."""
     gpus_per_node: int = 8
     """Ranks per node, for the host memory per node."""
+    lock_image: bool = False
+    """The vision tower and its projection frozen (model.lock_image, no unlocked groups): no
+    gradients, optimizer state or saved activations for them."""
+    lock_text: bool = False
+    """The text tower and its projection frozen (model.lock_text, no unlocked layers)."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,10 @@ class ModelShape:
     embed_dim: int
     image_size: int
     """Input resolution S of the vision tower."""
+    image_tower_params: int = 0
+    """Parameters of vision_model + visual_projection (what model.lock_image freezes)."""
+    text_tower_params: int = 0
+    """Parameters of text_model + text_projection (what model.lock_text freezes)."""
 
 
 @dataclass(frozen=True)
@@ -205,7 +214,13 @@ def model_shape(
         ),
         embed_dim=config.projection_dim,
         image_size=vision.image_size,
+        image_tower_params=_count(clip.vision_model, clip.visual_projection),
+        text_tower_params=_count(clip.text_model, clip.text_projection),
     )
+
+
+def _count(*modules) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
 
 
 def _ds_zero_section(stage: int) -> dict:
@@ -229,15 +244,24 @@ def buffer_bytes(stage: int, precision: str, reduce_bucket: int | None) -> int:
     return elements * PRECISION_BYTES[precision]
 
 
+def trainable_params(shape: ModelShape, spec: PlanSpec) -> int:
+    """Parameters that get gradients and optimizer state: all but the locked towers'."""
+    frozen = shape.image_tower_params * spec.lock_image + shape.text_tower_params * spec.lock_text
+    return shape.params - frozen
+
+
 def state_bytes(shape: ModelShape, spec: PlanSpec) -> tuple[int, int, int]:
-    """(parameters, gradients, optimizer) bytes per rank under ZeRO stage `spec.zero`."""
-    n, p, dtype = spec.gpus, shape.params, PRECISION_BYTES[spec.precision]
+    """(parameters, gradients, optimizer) bytes per rank under ZeRO stage `spec.zero`.
+    Frozen parameters (locked towers) count as weights only: trainer/engine.py leaves them out
+    of the optimizer groups, so they have neither gradients nor optimizer state."""
+    n, dtype = spec.gpus, PRECISION_BYTES[spec.precision]
     mixed = spec.precision != "fp32"
     if spec.zero >= 3:
         sharded = shape.params - shape.persistent_params
         parameters = dtype * (sharded // n + shape.persistent_params)
     else:
-        parameters = dtype * p
+        parameters = dtype * shape.params
+    p = trainable_params(shape, spec)
     gradients = dtype * p // (n if spec.zero >= 2 else 1)
     master = 4 * p if (mixed or spec.zero >= 1) else 0
     optimizer = (8 * p + master) // (n if spec.zero >= 1 else 1)
@@ -267,9 +291,11 @@ def plan(spec: PlanSpec) -> Breakdown:
     dtype = PRECISION_BYTES[spec.precision]
     live_rows = b // spec.grad_cache  # samples whose activations exist at once
     inputs = sum(input_bytes(t, b, dtype=dtype) for t in shape.towers)
+    locked = (spec.lock_image, spec.lock_text)  # a frozen tower saves nothing for backward
     activations = inputs + sum(
         activation_bytes(t, live_rows, dtype=dtype, checkpointing=spec.checkpointing)
-        for t in shape.towers
+        for t, frozen in zip(shape.towers, locked, strict=True)
+        if not frozen
     )
     live_during_loss = activations
     if spec.grad_cache > 1:  # cached features (b, d) ×2 and their fp32 gradients
@@ -449,6 +475,8 @@ def _spec_from_args(args: argparse.Namespace) -> PlanSpec:
         streams=args.streams,
         sample_bytes=args.sample_bytes,
         gpus_per_node=args.gpus_per_node,
+        lock_image=args.lock_image,
+        lock_text=args.lock_text,
     )
 
 
@@ -487,4 +515,6 @@ def add_parser(subparsers) -> None:
         help="assumed mean undecoded sample in a shuffle buffer (default 40 KiB: LAION)",
     )
     p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node (host memory)")
+    p.add_argument("--lock-image", action="store_true", help="frozen image tower (LiT)")
+    p.add_argument("--lock-text", action="store_true", help="frozen text tower")
     p.set_defaults(func=_run)
