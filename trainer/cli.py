@@ -18,7 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "eval": "trainer.eval.command",
     "export": "trainer.interop.hf_export",
     "plot": "trainer.eval.plot",
-    "plan": "trainer.plan.planner",
+    "plan": "trainer.plan.command",
     "make-tokenizer": "trainer.interop.clip_tokenizer",
     "convert": "trainer.interop.openclip",
 }

@@ -17,13 +17,11 @@ import torch
 from trainer import cli
 from trainer.config_io import read_yaml
 from trainer.plan.activations import activation_bytes, input_bytes
+from trainer.plan.host import LOADER_PREFETCH_FACTOR, host_plan, loader_batch_bytes
 from trainer.plan.planner import (
-    LOADER_PREFETCH_FACTOR,
     PlanSpec,
     fits,
-    host_plan,
     largest_batch,
-    loader_batch_bytes,
     model_shape,
     parse_memory,
     plan,

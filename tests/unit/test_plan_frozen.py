@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from trainer.model import ModelConfig, TokenIds, TrainableCLIP, build_clip_config, lock_towers
-from trainer.plan.planner import PlanSpec, _shape, _spec_from_args, add_parser, plan, state_bytes
+from trainer.plan.command import _spec_from_args, add_parser
+from trainer.plan.planner import PlanSpec, _shape, plan, state_bytes
 
 
 def _frozen_count(spec: PlanSpec, **lock) -> int:
