@@ -80,10 +80,28 @@ CASES = [
     ),
     Case("run-dir-has-checkpoints", train("run.dir={w}/run"), "already holds checkpoints"),
     Case("run-dir-under-a-file", train("run.dir={w}/good.yaml/run"), "cannot write to"),
-    # --- shards that exist but hold nothing usable (found while reading: full start-up)
-    Case("shards-zero-bytes", train("data.train_shards={w}/zero_tar"), "no usable sample"),
-    Case("shards-truncated", train("data.train_shards={w}/truncated_tar"), "no usable sample"),
-    Case("shards-wrong-layout", train("data.train_shards={w}/layout_tar"), "no usable sample"),
+    # --- shards that exist but hold nothing usable (found while reading: full start-up); one
+    # shard, so one logical stream (with more, the stream check would refuse them first)
+    Case(
+        "shards-too-few-for-the-streams",
+        train("data.train_shards={w}/zero_tar"),
+        "data.resampled=true",
+    ),
+    Case(
+        "shards-zero-bytes",
+        train("data.train_shards={w}/zero_tar", "data.streams=1"),
+        "no usable sample",
+    ),
+    Case(
+        "shards-truncated",
+        train("data.train_shards={w}/truncated_tar", "data.streams=1"),
+        "no usable sample",
+    ),
+    Case(
+        "shards-wrong-layout",
+        train("data.train_shards={w}/layout_tar", "data.streams=1"),
+        "no usable sample",
+    ),
     # --- other commands
     Case(
         "export-missing-checkpoint",
