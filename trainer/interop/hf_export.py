@@ -96,9 +96,8 @@ def export(checkpoint: str | Path, out: str | Path, *, force: bool = False) -> P
     ref = resolve_checkpoint(checkpoint)
     check_out(out, force)
     model, tokenizer, cfg = build_hf_model(ref)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         processor = image_processor(model.config.vision_config.image_size)
@@ -109,6 +108,19 @@ def export(checkpoint: str | Path, out: str | Path, *, force: bool = False) -> P
         (tmp / "README.md").write_text(card)
         (tmp / "disco_clip.json").write_text(json.dumps(
             {"checkpoint": str(ref.ckpt_dir / ref.tag), "step": ref.step}, indent=1) + "\n")  # fmt: skip
+
+    return write_dir_atomically(out, force, write)
+
+
+def write_dir_atomically(out: str | Path, force: bool, write) -> Path:
+    """`write(tmp)` into a temporary sibling of `out`, then rename it to `out`: a failure
+    leaves `out` as it was and no temporary directory behind."""
+    out = Path(out)
+    check_out(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

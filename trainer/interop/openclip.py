@@ -29,15 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from trainer.interop.hf_export import write_dir_atomically
 from trainer.interop.openclip_map import (
     OC_CONFIG,
     OC_WEIGHTS,
@@ -121,24 +119,6 @@ def _image_processor(pre: dict):
     )  # fmt: skip
 
 
-def _write_atomically(out: Path, force: bool, write) -> Path:
-    from trainer.interop.hf_export import check_out
-
-    out = Path(out)
-    check_out(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
-
-
 def convert_openclip(config_path: str | Path, checkpoint: str | Path, out: str | Path, *,
                      force: bool = False, force_quick_gelu: bool = False):  # fmt: skip
     """OpenCLIP checkpoint + model config -> HF directory (model, OpenAI tokenizer, processor).
@@ -170,7 +150,7 @@ def convert_openclip(config_path: str | Path, checkpoint: str | Path, out: str |
         processor.save_pretrained(tmp)
         CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(tmp)
 
-    return _write_atomically(Path(out), force, write), config
+    return write_dir_atomically(Path(out), force, write), config
 
 
 def _hf_source(path: Path):
@@ -205,7 +185,7 @@ def export_openclip(run_checkpoint_or_hf_dir: str | Path, out: str | Path, *,
         doc = {"model_cfg": oc_cfg, "preprocess_cfg": pre}
         (tmp / OC_CONFIG).write_text(json.dumps(doc, indent=2) + "\n")
 
-    return _write_atomically(Path(out), force, write)
+    return write_dir_atomically(Path(out), force, write)
 
 
 # --------------------------------------------------------------------------- CLI
