@@ -82,9 +82,9 @@ def _python_files():
 
 
 def test_every_torch_load_is_weights_only():
-    """Static: each torch.load in the package passes weights_only=True, except DeepSpeed's own
-    model-states file in trainer/interop/run_checkpoint.py (the documented trust boundary: docs/trust.md)."""
-    allowed = {("trainer/interop/run_checkpoint.py", "mp_rank_00_model_states.pt")}
+    """Static: each torch.load in the package passes weights_only=True, DeepSpeed's own files
+    included (export and eval read them with three DeepSpeed classes allowed: docs/trust.md)."""
+    allowed: set[tuple[str, str]] = set()
     offenders = []
     for path in _python_files():
         text = path.read_text()
@@ -108,3 +108,24 @@ def test_no_pickle_module_in_the_package():
         )
     ]
     assert not users, users
+
+
+@pytest.mark.parametrize("zero_files", [False, True], ids=["stage0", "zero"])
+def test_export_refuses_a_crafted_deepspeed_file_without_running_it(tmp_path, zero_files):
+    """export and eval read DeepSpeed's files with weights_only=True: a model-states (or
+    optimizer) file whose pickle would run a command is refused in one line, and the command
+    never runs. (They used to go through DeepSpeed's own merger, which unpickles in full.)"""
+    from trainer.interop.run_checkpoint import CheckpointRef, InteropError, fp32_state_dict
+
+    marker = tmp_path / "pwned"
+    tag = tmp_path / "run" / "checkpoints" / "step_00000001"
+    tag.mkdir(parents=True)
+    name = (
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt" if zero_files else "mp_rank_00_model_states.pt"
+    )
+    torch.save({"module": {"w": torch.zeros(1)}, "x": _Payload(marker)}, tag / name)
+    ref = CheckpointRef(tmp_path / "run", tag.parent, tag.name)
+    with pytest.raises(InteropError, match=r"refusing to unpickle it") as err:
+        fp32_state_dict(ref)
+    assert not marker.exists(), "the pickle's payload ran"
+    assert "\n" not in str(err.value)

@@ -9,15 +9,14 @@ damaged tag dir given by name is refused with one line naming the file; given a 
 newest intact checkpoint is taken and the damaged newer ones are named on stderr. Checkpoints
 from before manifests are read with a warning.
 
-Trust boundary (docs/trust.md): DeepSpeed's checkpoint files are pickles holding more than
-tensors, and DeepSpeed's own merger (zero_to_fp32) unpickles them with weights_only=False.
-Export and eval therefore execute whatever a checkpoint file contains: point them only at
-checkpoints your own training runs wrote.
+Trust boundary (docs/trust.md): DeepSpeed's checkpoint files are pickles holding a few of
+DeepSpeed's own classes beside tensors. They are read here with weights_only=True and only those
+classes allowed (not with DeepSpeed's merger, zero_to_fp32, which unpickles them in full), so a
+file that would run code is refused with one line, and export and eval never execute it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,19 +93,61 @@ def load_run_config(run_dir: Path):
     return build_dataclass(Config, read_yaml(run_dir / "config.yaml"))
 
 
-def fp32_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
-    """fp32 weights of any ZeRO stage (see the module doc for the trust boundary)."""
-    tag_dir = ref.ckpt_dir / ref.tag
-    if any(tag_dir.glob("*optim_states.pt")):  # ZeRO 1/2/3: partitioned fp32 master weights
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def _read_deepspeed(path: Path) -> dict:
+    """One DeepSpeed checkpoint file, without running code from it: weights_only=True with the
+    three DeepSpeed classes its files hold allowed (trainer.checkpoint.deepspeed_safe_globals);
+    anything else is refused in one line (docs/trust.md)."""
+    from trainer.checkpoint import deepspeed_safe_globals
 
-        # DeepSpeed reports progress on stdout; keep stdout for our own results (eval prints
-        # metrics there).
-        with contextlib.redirect_stdout(sys.stderr):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ref.ckpt_dir), tag=ref.tag)
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise InteropError(
+            f"--checkpoint: {path} holds more than tensors and DeepSpeed's own records, or is "
+            f"not a checkpoint file ({first}); refusing to unpickle it"
+        ) from None
+
+
+def _frozen_zero3(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """ZeRO-3 parameters outside the optimizer (locked towers): each rank's file holds its
+    fragment; the whole tensor is their concatenation, cut to size."""
+    files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"),
+                   key=lambda f: int(f.name.split("_")[3]))  # fmt: skip
+    blobs = [_read_deepspeed(f) for f in files]
+    shapes = blobs[0].get("frozen_param_shapes") or {}
+    out = {}
+    for name, shape in shapes.items():
+        parts = torch.cat([b["frozen_param_fragments"][name].reshape(-1) for b in blobs])
+        out[name] = parts[: torch.Size(shape).numel()].reshape(shape)
+    return out
+
+
+def fp32_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """fp32 weights of any ZeRO stage, read without unpickling anything but tensors and plain
+    records: ZeRO-1/2/3 from the fp32 master partitions (trainer.checkpoint.ZeroCheckpoint, the
+    reader of the elastic resume), parameters outside the optimizer (locked towers) from the
+    model-states files, stage 0 from its model-states file."""
+    from trainer.checkpoint import CheckpointError, ZeroCheckpoint
+
+    tag_dir = ref.ckpt_dir / ref.tag
+    model_file = tag_dir / "mp_rank_00_model_states.pt"
+    if any(tag_dir.glob("*optim_states.pt")):  # ZeRO 1/2/3: partitioned fp32 master weights
+        for path in sorted(tag_dir.glob("*.pt")):  # one clear line for a file that is refused
+            _read_deepspeed(path)
+        try:
+            zero = ZeroCheckpoint(tag_dir)
+        except CheckpointError as err:
+            raise InteropError(f"--checkpoint: {err}") from None
+        state = {name: zero.full(name, "fp32") for name in zero.shapes}
+        if zero.stage <= 2:  # the model-states file holds every parameter whole (16-bit)
+            module = _read_deepspeed(model_file)["module"]
+            state.update({k: v for k, v in module.items() if k not in state})
+        else:
+            state.update(_frozen_zero3(tag_dir))
     else:  # stage 0: the whole module is in the model-states file
-        blob = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
-        state = blob["module"]
+        state = _read_deepspeed(model_file)["module"]
     return {k: v.detach().float().clone() for k, v in state.items()}
 
 
