@@ -1,9 +1,10 @@
 """disco-clip's trainer. The top level is the core of a run, one concern per module:
 
 config (+ config_io), dist (launcher facts, process group), cpu_quirks, model, engine
-(DeepSpeed), build (setup), step (one optimizer step), train (the loop), checkpoint, metrics,
-cli (the `disco-clip` entry) and demo (the end-to-end `make demo` job). Subpackages:
+(DeepSpeed), build (setup), step (one optimizer step), train (the loop), metrics, cli (the
+`disco-clip` entry) and demo (the end-to-end `make demo` job). Subpackages:
 
+- checkpoint/ save, verify (manifests, shared storage), resume, elastic resume N -> M ranks.
 - losses/  pure math over tensors and a process group; imports only torch.
 - eval/    zero-shot, retrieval, periodic eval, the `eval` and `plot` commands.
 - plan/    the memory planner (`disco-clip plan`); imports model and engine only to count.
