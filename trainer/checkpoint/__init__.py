@@ -33,7 +33,7 @@ writes them into the fresh M-rank engine through DeepSpeed's tensor-fragment API
 Trust boundary: our client state is read with `torch.load(weights_only=True)` (tensors and
 plain containers only) before DeepSpeed's `load_checkpoint`, which unpickles its own files in
 full: resume only from checkpoints your runs wrote. The elastic path reads DeepSpeed's files
-with weights_only=True too, allowing only three DeepSpeed classes (DEEPSPEED_SAFE_GLOBALS).
+with weights_only=True too, allowing only four DeepSpeed classes (deepspeed_safe_globals).
 
 One module per concern: layout.py (names, tags, collectives), integrity.py (shared RUN/,
 manifests, verification, the choice of tag), state.py (save, client state), settings.py (the

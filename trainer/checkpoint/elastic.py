@@ -41,18 +41,21 @@ def deepspeed_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def load_deepspeed_file(path: Path) -> dict:
+def load_deepspeed_file(
+    path: Path,
+    *,
+    problem: str = "cannot be read for an elastic resume",
+    refusal: str = "resume on the number of ranks that wrote it",
+) -> dict:
     """One of DeepSpeed's checkpoint files, memory-mapped (tensors are read when touched),
-    with weights_only=True and only `deepspeed_safe_globals` allowed."""
+    with weights_only=True and only `deepspeed_safe_globals` allowed; anything else is a
+    one-line CheckpointError: the path, `problem`, the cause, `refusal` (what to do)."""
     try:
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as err:
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{path}: cannot be read for an elastic resume ({first}); resume on the number of "
-            "ranks that wrote it"
-        ) from None
+        raise CheckpointError(f"{path}: {problem} ({first}); {refusal}") from None
 
 
 class _Flat:

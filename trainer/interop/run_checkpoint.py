@@ -94,20 +94,17 @@ def load_run_config(run_dir: Path):
 
 
 def _read_deepspeed(path: Path) -> dict:
-    """One DeepSpeed checkpoint file, without running code from it: weights_only=True with the
-    three DeepSpeed classes its files hold allowed (trainer.checkpoint.deepspeed_safe_globals);
-    anything else is refused in one line (docs/trust.md)."""
-    from trainer.checkpoint import deepspeed_safe_globals
+    """One DeepSpeed checkpoint file, without running code from it (docs/trust.md)."""
+    from trainer.checkpoint import CheckpointError, load_deepspeed_file
 
     try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise InteropError(
-            f"--checkpoint: {path} holds more than tensors and DeepSpeed's own records, or is "
-            f"not a checkpoint file ({first}); refusing to unpickle it"
-        ) from None
+        return load_deepspeed_file(
+            path,
+            problem="holds more than tensors and DeepSpeed's own records, or is not a checkpoint",
+            refusal="refusing to unpickle it",
+        )
+    except CheckpointError as err:
+        raise InteropError(f"--checkpoint: {err}") from None
 
 
 def _frozen_zero3(tag_dir: Path) -> dict[str, torch.Tensor]:
