@@ -25,7 +25,10 @@ from trainer.config_io import ConfigError, dump_yaml
 from trainer.dist import DistInfo, collective_device, read_dist_info
 
 EXIT_CONFIG = 2
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", which is what a requeue does
+EXIT_PREEMPTED = 75
+LOST_PEER_LINGER_S = (
+    3.0  # see _train_and_report  # EX_TEMPFAIL: "try again", which is what a requeue does
+)
 
 
 def due(step: int, every: int) -> bool:
@@ -268,6 +271,10 @@ def _train_and_report(cfg: Config, info: DistInfo, run_dir: Path) -> int:
             "it died or hung: see the other ranks' logs and the launcher's for the first failure",
             file=sys.stderr,
         )
+        # Leave after the rank that failed first has been reaped: launchers report the first
+        # failed child they poll (DeepSpeed's polls in rank order, once a second), and the
+        # root cause (a SIGKILL, an OOM) is what the user needs to see, not this exit.
+        time.sleep(LOST_PEER_LINGER_S)
         return 1
     except OSError as err:  # disk full or run dir gone mid-run: say which file, not a traceback
         print(
