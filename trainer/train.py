@@ -25,10 +25,8 @@ from trainer.config_io import ConfigError, dump_yaml
 from trainer.dist import DistInfo, collective_device, read_dist_info
 
 EXIT_CONFIG = 2
-EXIT_PREEMPTED = 75
-LOST_PEER_LINGER_S = (
-    3.0  # see _train_and_report  # EX_TEMPFAIL: "try again", which is what a requeue does
-)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", which is what a requeue does
+LOST_PEER_LINGER_S = 3.0  # see _train_and_report
 
 
 def due(step: int, every: int) -> bool:
