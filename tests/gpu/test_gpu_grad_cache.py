@@ -22,6 +22,7 @@ import copy
 import torch
 
 from tests.gpu.jobs import uses
+from tests.support.models import RecordingEngine
 from trainer.interop.run_checkpoint import fp32_state_dict, resolve_checkpoint
 from trainer.losses import make_objective
 from trainer.losses.registry import LossConfig
@@ -69,30 +70,17 @@ def test_grad_cache_two_chunks_matches_plain_step_bf16(gpu_jobs) -> None:
     )
 
 
-class RecordingEngine:
-    """The DeepSpeed engine's calls that train_step makes, around a plain module on CUDA:
-    gradients accumulate between boundaries; `step` records them; every forward's inputs are
-    recorded (as train_step prepared them) with whether autograd was on."""
+class CallRecordingEngine(RecordingEngine):
+    """RecordingEngine on CUDA that also records every forward's inputs (as train_step
+    prepared them) with whether autograd was on."""
 
     def __init__(self, module: torch.nn.Module):
-        self.module, self.device = module, next(module.parameters()).device
+        super().__init__(module)
         self.calls: list[tuple[tuple[torch.Tensor, ...], bool]] = []
-        self.grads: dict[str, torch.Tensor] | None = None
 
     def __call__(self, *inputs):
         self.calls.append((tuple(t.detach().clone() for t in inputs), torch.is_grad_enabled()))
         return self.module(*inputs)
-
-    def backward(self, loss, scale_wrt_gas=True):
-        loss.backward()
-
-    def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
-        pass
-
-    def step(self):
-        self.grads = {
-            n: p.grad.clone() for n, p in self.module.named_parameters() if p.grad is not None
-        }
 
 
 def _one_backward(model, chunks_inputs, seed: int) -> dict[str, torch.Tensor]:
@@ -130,7 +118,7 @@ def test_grad_cache_replays_cuda_dropout() -> None:
             "attention_mask": torch.ones(b, ctx, dtype=torch.long),
         }  # loader-like: uint8 pixels on the host; train_step prepares them for the model
 
-        engine = RecordingEngine(model)
+        engine = CallRecordingEngine(model)
         torch.manual_seed(7)
         train_step(engine, batch, make_objective(LossConfig()), chunks=chunks, dtype=torch.float32)
         encode = [inputs for inputs, grad in engine.calls if not grad]

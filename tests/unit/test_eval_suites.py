@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tests.support.models import tiny_hf_clip
 from trainer.eval.evaluate import EvalConfig, encode_images, encode_texts, evaluate
 from trainer.eval.retrieval import recall_at_k, recall_at_k_multi
 from trainer.eval.suites import (
@@ -152,19 +153,7 @@ def test_multi_caption_recall_definition():
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from transformers import CLIPConfig, CLIPModel
-
-    from data.tokenizer import BUILTIN_TOKENIZER_DIR, load_tokenizer
-
-    tok = load_tokenizer(BUILTIN_TOKENIZER_DIR)
-    torch.manual_seed(0)
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=1, num_attention_heads=2)  # fmt: skip
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    return model.eval(), tok
+    return tiny_hf_clip()
 
 
 def _caption_fixture(tmp_path):

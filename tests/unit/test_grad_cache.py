@@ -11,31 +11,11 @@ import copy
 
 import torch
 
+from tests.support.models import RecordingEngine
 from trainer.losses import make_objective
 from trainer.losses.registry import LossConfig
 from trainer.model import ModelConfig, TokenIds, build_clip_config, build_model
 from trainer.step import train_step
-
-
-class RecordingEngine:
-    """Accumulates gradients like DeepSpeed between boundaries; `step` just records them."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module, self.device, self.grads = module, torch.device("cpu"), None
-
-    def __call__(self, *inputs):
-        return self.module(*inputs)
-
-    def backward(self, loss, scale_wrt_gas=True):
-        loss.backward()
-
-    def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
-        pass
-
-    def step(self):
-        self.grads = {
-            n: p.grad.clone() for n, p in self.module.named_parameters() if p.grad is not None
-        }
 
 
 def _model_and_batch(dropout: float):
