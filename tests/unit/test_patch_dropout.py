@@ -7,7 +7,7 @@ import copy
 
 import torch
 
-from tests.unit.test_grad_cache import RecordingEngine
+from tests.support.models import RecordingEngine
 from trainer.losses import make_objective
 from trainer.losses.registry import LossConfig
 from trainer.model import ModelConfig, TokenIds, build_clip_config, build_model
