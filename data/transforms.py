@@ -77,12 +77,17 @@ def _centre_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def eval_crop(image: Image.Image, image_size: int) -> Image.Image:
+    """The eval geometry: short side to S (bicubic), then the centre S x S crop, in RGB."""
+    image = image.convert("RGB")
+    return _centre_crop(_resize_short_side(image, image_size), image_size)
+
+
 def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image -> (3, S, S) float32, matching CLIPImageProcessor for the same size."""
 
     def apply(image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
-        return to_normalised_tensor(_centre_crop(_resize_short_side(image, image_size), image_size))
+        return to_normalised_tensor(eval_crop(image, image_size))
 
     return apply
 

@@ -134,8 +134,8 @@ def test_max_samples_spreads_over_classes(synthetic_dir):
     from trainer.eval.evaluate import zeroshot_samples
 
     cfg = EvalConfig(zeroshot_dir=str(synthetic_dir / "val"), max_samples=30)
-    names, samples = zeroshot_samples(cfg)
-    assert len(samples) == 30 and {y for _, y in samples} == set(range(len(names)))
+    names, source = zeroshot_samples(cfg)
+    assert len(source.items) == 30 and {y for _, y in source.items} == set(range(len(names)))
 
 
 def test_evaluate_on_an_explicit_device_equals_the_default(tiny_model, synthetic_dir):
@@ -153,11 +153,14 @@ def _encode_items(batch: list[int]) -> dict[str, torch.Tensor]:
 
 
 def _gather_on_ranks(rank: int, world_size: int) -> dict:
-    from trainer.eval.evaluate import gather_encoded
+    from trainer.eval.evaluate import gather_encoded, rank_batches
 
-    shard = dict(dummy=-1, batch_size=2, rank=rank, world_size=world_size)
+    def batches(n: int):
+        return rank_batches(range(n), 2, rank, world_size)
+
     return {
-        n: gather_encoded(_encode_items, range(n), **shard) for n in (7, 2, 0)
+        n: gather_encoded(_encode_items, batches(n), dummy=[-1], world_size=world_size)
+        for n in (7, 2, 0)
     }  # 7: ragged ranks and batches; 2: the last rank has nothing (dummy forwards); 0: none
 
 

@@ -5,7 +5,10 @@
 The ImageNet-family flags run trainer/eval/suites.py (CLIP's 80 prompts by default) and print a
 paper-style table (row = the model, columns = the sets, top-1 %); --out writes it as JSON.
 
-One process; the same code as the periodic eval in training (trainer/eval/evaluate.py). --model is
+The same code as the periodic eval in training (trainer/eval/evaluate.py). Launched by torchrun
+(or srun) with several processes, each rank decodes and encodes its own share of every set and
+rank 0 prints and writes the results: `torchrun --nproc_per_node 8 -m trainer.cli eval ...`.
+--workers sets the decode processes per rank. --model is
 an exported / HF CLIP directory or anything `disco-clip export --checkpoint` accepts (see the
 trust note in trainer/interop/run_checkpoint.py and docs/trust.md). --device (default: cuda when
 there is one, else cpu) is where the model runs; one that this machine lacks is one error line.
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 
 from trainer.config_io import ConfigError, validate_tree
+from trainer.dist import read_dist_info
 from trainer.eval.evaluate import EvalConfig, evaluate
 from trainer.eval.suites import SUITES, format_table
 from trainer.interop.run_checkpoint import InteropError
@@ -71,6 +75,28 @@ def resolve_device(spec: str | None) -> torch.device:
     return torch.device("cuda", index)
 
 
+def _rank_default_device(info) -> str | None:
+    """With several processes on a CUDA machine, rank r's default is its local GPU."""
+    if info.world_size > 1 and torch.cuda.is_available():  # CUDA-only
+        return f"cuda:{info.local_rank % torch.cuda.device_count()}"
+    return None
+
+
+def _start_group(info, device: torch.device) -> None:
+    """The process group of a multi-process eval (NCCL on CUDA, gloo on CPU); none for one."""
+    if info.world_size == 1:
+        return
+    import os
+
+    os.environ.setdefault("MASTER_ADDR", info.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(info.master_port))
+    torch.distributed.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", rank=info.rank, world_size=info.world_size
+    )
+    if device.type == "cuda":  # CUDA-only: NCCL collectives use the current device
+        torch.cuda.set_device(device)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="zero-shot accuracy and retrieval recall")
     parser.add_argument("--model", required=True, help="HF CLIP dir, run dir or checkpoint dir")
@@ -92,6 +118,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "metrics) to this JSON file")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-samples", type=int, default=0, help="0 = all")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="image-decoding loader processes per rank (0 = in-process)")  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda "
                         "if available, else cpu)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
@@ -112,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = EvalConfig(
         zeroshot_dir=args.zeroshot, classnames=args.classnames, templates=args.templates,
         retrieval_shards=args.retrieval, batch_size=args.batch_size, max_samples=args.max_samples,
-        suites=suites, suite_templates=args.suite_templates,
+        suites=suites, suite_templates=args.suite_templates, workers=args.workers,
     )  # fmt: skip
     try:
         if not (cfg.zeroshot_dir or cfg.retrieval_shards or cfg.suites):
@@ -120,15 +148,23 @@ def _run(args: argparse.Namespace) -> int:
                 "give --zeroshot DIR, --retrieval SHARDS_OR_FILE and/or an ImageNet set "
                 "(--imagenet ROOT, --imagenet-v2, --imagenet-r, --imagenet-sketch, --imagenet-a)"
             )
-        device = resolve_device(args.device)
+        info = read_dist_info()
+        device = resolve_device(args.device or _rank_default_device(info))
         validate_tree(EvalConfig(**{**vars(cfg), "every": 1}))  # every=1: classnames checked
         if not Path(args.model).exists():
             raise InteropError(f"--model: {args.model} does not exist")
         model, tokenizer = load_model(args.model)
-        metrics = evaluate(model.to(device), tokenizer, cfg, device=device)
+        _start_group(info, device)
+        metrics = evaluate(model.to(device), tokenizer, cfg, rank=info.rank,
+                           world_size=info.world_size, device=device)  # fmt: skip
     except (ConfigError, InteropError, ValueError, FileNotFoundError) as err:
         print(f"disco-clip eval: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if info.rank != 0:
+        return 0  # every rank holds the same metrics; rank 0 reports them
     for key, value in metrics.items():
         print(f"{key}: {f'{100 * value:.2f}%' if _is_percent(key) else value}")
     if suites:

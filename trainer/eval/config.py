@@ -39,13 +39,20 @@ class EvalConfig:
     batch_size: int = 64
     """Images (or prompts) per forward, per rank."""
     max_samples: int = 0
-    """Use at most this many images of each eval set (0 = all)."""
+    """Use at most this many images of each eval set (0 = all; over tar shards: the first
+    this many stored samples, bad ones included)."""
+    workers: int = 2
+    """DataLoader worker processes per rank that decode eval images (0 = in the training
+    process). Each rank decodes only its own share of every set (data/eval_loader.py)."""
 
     def validate(self) -> None:
         if self.every < 0:
             raise ValueError(f"every must be >= 0 (0 = off), got {self.every}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ValueError(f"workers: must be >= 0 (0 = decode in the main process), got "
+                             f"{self.workers}")  # fmt: skip
         if self.max_samples < 0:
             raise ValueError(f"max_samples: must be >= 0 (0 = all), got {self.max_samples}")
         if self.templates not in BUILTIN_TEMPLATE_SETS and not Path(self.templates).is_file():

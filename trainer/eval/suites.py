@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trainer.eval.zeroshot import class_embeddings, load_templates, prompts, topk_accuracy
+from trainer.eval.zeroshot import load_templates, topk_accuracy
 
 WNID_RE = re.compile(r"^n\d{8}$")
 NUM_CLASSES = 1000
@@ -172,22 +172,19 @@ def suite_class_embeddings(
     rank: int = 0, world_size: int = 1, device: torch.device | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """(1000, d) class embeddings, rows outside `needed` left zero (never scored)."""
-    from trainer.eval.evaluate import encode_texts, gather_encoded
+    from trainer.eval.evaluate import prompt_classifier
 
     names = imagenet_classnames()
-    wanted = [names[i] for i in needed]
-
-    def encode_prompts(batch: list[tuple[int, str]]) -> dict[str, torch.Tensor]:
-        return {
-            "text": encode_texts(model, tokenizer, [text for _, text in batch], device),
-            "cls": torch.tensor([c for c, _ in batch], device=device),
-        }
-
-    text = gather_encoded(
-        encode_prompts, prompts(wanted, templates), dummy=(0, "a"), batch_size=batch_size,
-        rank=rank, world_size=world_size,
+    emb = prompt_classifier(
+        model,
+        tokenizer,
+        [names[i] for i in needed],
+        templates,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        device=device,
     )  # fmt: skip
-    emb = class_embeddings(text["text"], text["cls"], len(wanted))  # (len(needed), d)
     full = emb.new_zeros(NUM_CLASSES, emb.shape[1])
     full[torch.tensor(needed, device=emb.device)] = emb
     return full
@@ -201,18 +198,27 @@ def run_suites(
     templates: str = "imagenet80",
     batch_size: int = 64,
     max_samples: int = 0,
+    workers: int = 0,
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | None = None,
+    cache=None,
 ) -> dict[str, dict]:
     """{set key: {"top1", "top5" (fractions), "images", "classes"}} for every set in `roots`
-    ({key: ROOT}), in SUITES order. Collective when world_size > 1; call under no_grad."""
-    from PIL import Image
-
-    from data.transforms import eval_transform
-    from trainer.eval.evaluate import _open, encode_images, gather_encoded, model_device
+    ({key: ROOT}), in SUITES order. Images are decoded in `workers` loader processes per rank,
+    each rank its own share; `cache` (trainer.eval.evaluate.ClassEmbeddingCache) may keep the
+    classifier across calls. Collective when world_size > 1; call under no_grad."""
+    from data.eval_loader import ListedSet, eval_batches
+    from trainer.eval.evaluate import (
+        ClassEmbeddingCache,
+        dummy_image_batch,
+        encode_labelled,
+        gather_encoded,
+        model_device,
+    )
 
     device = device or model_device(model)
+    cache = cache if cache is not None else ClassEmbeddingCache()
     keys = [s.key for s in SUITES if s.key in roots]
     for key in roots:
         get_suite(key)
@@ -222,25 +228,21 @@ def run_suites(
     needed = sorted(
         set().union(*(r if r is not None else range(NUM_CLASSES) for r in rows.values()))
     )
-    shard = dict(batch_size=batch_size, rank=rank, world_size=world_size)
-    emb = suite_class_embeddings(
-        model, tokenizer, needed, load_templates(templates), device=device, **shard
-    )
+    # One classifier for every requested set: ImageNet, V2 and Sketch share all 1,000 rows.
+    emb = cache.get(model, ("suites", templates, tuple(needed)), lambda: suite_class_embeddings(
+        model, tokenizer, needed, load_templates(templates), batch_size=batch_size, rank=rank,
+        world_size=world_size, device=device))  # fmt: skip
     size = model.config.vision_config.image_size
-    transform = eval_transform(size)
-
-    def encode_batch(batch: list[tuple[Path, int]]) -> dict[str, torch.Tensor]:
-        pixels = torch.stack([transform(_open(img)) for img, _ in batch])  # (n, 3, S, S), CPU
-        return {
-            "image": encode_images(model, pixels, device),
-            "label": torch.tensor([y for _, y in batch], device=device),
-        }
-
-    black = Image.new("RGB", (size, size))
     results: dict[str, dict] = {}
     for key in keys:
-        samples = suite_samples(key, roots[key], max_samples)
-        feats = gather_encoded(encode_batch, samples, dummy=(black, 0), **shard)
+        batches = eval_batches(
+            ListedSet(suite_samples(key, roots[key], max_samples)), image_size=size,
+            batch_size=batch_size, rank=rank, world=world_size, workers=workers,
+        )  # fmt: skip
+        feats = gather_encoded(
+            encode_labelled(model, device), batches, dummy=dummy_image_batch(size, 0),
+            world_size=world_size,
+        )  # fmt: skip
         acc = masked_topk(feats["image"], feats["label"], emb, rows[key])
         results[key] = {
             "top1": acc[1], "top5": acc[5], "images": len(feats["label"]),

@@ -61,11 +61,15 @@ def model_card(ref: CheckpointRef, cfg, evals: dict | None, bias: float | None) 
         "## Evaluation", "",
     ]  # fmt: skip
     if evals:
+        lines += suites_table(evals, label=f"step {evals['step']}")
         lines += [f"Logged by the trainer at step {evals['step']}:", "", "| metric | value |",
                   "|---|---|"]  # fmt: skip
         lines += [f"| {k} | {v:.4f} |" for k, v in evals.items() if k not in ("kind", "step")]
         lines += ["", f"Templates: `{cfg.eval.templates}`; zero-shot set: "
                   f"`{cfg.eval.zeroshot_dir}`; retrieval pairs: `{cfg.eval.retrieval_shards}`."]  # fmt: skip
+        if cfg.eval.suites:
+            sets = ", ".join(f"{k} `{v}`" for k, v in cfg.eval.suites.items())
+            lines += ["", f"ImageNet-family sets: {sets}; templates `{cfg.eval.suite_templates}`."]
     else:
         lines += ["No evaluation was logged for this checkpoint (eval.every was 0)."]
     if bias is not None:
@@ -79,6 +83,18 @@ def model_card(ref: CheckpointRef, cfg, evals: dict | None, bias: float | None) 
               '    hypothesis_template="a photo of a {}.")', "```", "",
               "## Training config", "", "```yaml", dump_yaml(cfg).rstrip(), "```", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def suites_table(evals: dict, label: str) -> list[str]:
+    """The paper-style table (zero-shot top-1 % per ImageNet-family set) of an eval record,
+    as card lines; none when the run evaluated no eval.suites."""
+    from trainer.eval.suites import SUITES, format_table
+
+    top1 = {s.key: evals[f"{s.key}_top1"] for s in SUITES if f"{s.key}_top1" in evals}
+    if not top1:
+        return []
+    return ["Zero-shot top-1 (%), CLIP's prompts, as in the DisCo-CLIP and CLIP papers:", "",
+            format_table({label: top1}), ""]  # fmt: skip
 
 
 def check_out(out: Path, force: bool) -> None:
