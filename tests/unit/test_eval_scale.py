@@ -133,3 +133,29 @@ def test_classifier_is_kept_across_evals_only_while_the_text_side_is_locked(synt
     assert evaluate(model, tok, cfg, cache=locked) == first
     assert locked.computed == 1
     assert periodic_cache(model) is periodic_cache(model)
+
+
+def test_eval_command_under_torchrun_prints_what_one_process_prints(synthetic_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m trainer.cli eval`: rank 0 reports, ranks split the set."""
+    import os
+    import subprocess
+    import sys
+
+    model, tok = tiny_hf_clip()
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    args = ["-m", "trainer.cli", "eval", "--model", str(tmp_path / "model"),
+            "--zeroshot", str(synthetic_dir / "val_pairs"), "--classnames",
+            str(synthetic_dir / "classnames.txt"), "--retrieval", str(synthetic_dir / "val_pairs"),
+            "--max-samples", "30", "--workers", "1", "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(prefix: list[str]) -> str:
+        done = subprocess.run([sys.executable, *prefix, *args], capture_output=True, text=True,
+                              env=env, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    one = run([])
+    two = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
+    assert "zeroshot_top1" in one and two == one
