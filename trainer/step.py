@@ -20,25 +20,64 @@ from trainer.dist import collective_device
 from trainer.losses import Objective
 
 
+@dataclass(frozen=True)
+class RankSignals:
+    """What this rank must tell the others at every step, besides its loss: whether it was
+    asked to stop (SIGUSR1/SIGTERM, trainer/train.py) and how many bad samples its loader has
+    skipped so far. They ride on the step's one collective instead of a second one."""
+
+    stop_requested: bool = False
+    skipped_samples: int = 0
+
+
 @dataclass
 class StepOutput:
     loss: float  # the full-batch loss: the mean of the ranks' shares (docs/disco.md)
     logit_scale: float
     applied: bool  # False when a non-finite loss made every rank skip the update
+    stop: bool = False  # some rank was asked to stop: every rank stops after this step
+    skipped_samples: int = 0  # bad samples skipped by all ranks' loaders so far
 
 
-def _agree_on_loss(loss: torch.Tensor) -> tuple[float, bool]:
-    """(full-batch loss, every rank's loss finite) in one collective on the device the process
-    group serves (NCCL cannot reduce CPU tensors). Every rank must take the same branch, and a
-    curve logged from rank 0's share alone would depend on the world size."""
-    stats = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float()])
-    stats = stats.to(collective_device())
+@dataclass(frozen=True)
+class _Agreement:
+    mean_loss: float
+    finite: bool
+    stop: bool
+    skipped_samples: int
+    logit_scale: float
+
+
+def _agree(loss: torch.Tensor, scale: torch.Tensor, signals: RankSignals) -> _Agreement:
+    """Everything the ranks must agree on this step, in one all-reduce and one host sync.
+
+    Every rank must take the same branch (skip a non-finite step, stop), and a curve logged
+    from rank 0's share alone would depend on the world size. The values travel on the device
+    the process group serves (NCCL cannot reduce CPU tensors), in fp64 so that the skip count
+    stays exact. The logit scale (the same on every rank) joins the one device-to-host copy
+    instead of costing a `.item()` of its own after the optimizer step, where a sync would
+    stall the next step's launch on a GPU.
+    """
+    device = collective_device()
+    loss = loss.detach().to(device, torch.float64)
+    stats = torch.stack([
+        loss, (~torch.isfinite(loss)).to(torch.float64),
+        torch.tensor(float(signals.stop_requested), dtype=torch.float64, device=device),
+        torch.tensor(float(signals.skipped_samples), dtype=torch.float64, device=device),
+    ])  # fmt: skip
     world = 1
     if dist.is_initialized():
-        dist.all_reduce(stats)  # [Σ loss_n, number of ranks with a non-finite loss]
+        # SUM: [Σ loss_n, ranks with a non-finite loss, ranks asked to stop, Σ skipped samples]
+        dist.all_reduce(stats)
         world = dist.get_world_size()
-    total, nonfinite = stats.tolist()
-    return total / world, nonfinite == 0
+    host = torch.cat([stats, scale.detach().to(device, torch.float64).reshape(1)]).tolist()
+    total, nonfinite, stops, skipped, logit_scale = host
+    return _Agreement(total / world, nonfinite == 0, stops > 0, int(skipped), logit_scale)
+
+
+def _output(agreed: _Agreement, applied: bool) -> StepOutput:
+    return StepOutput(agreed.mean_loss, agreed.logit_scale, applied, agreed.stop,
+                      agreed.skipped_samples)  # fmt: skip
 
 
 def _model_inputs(batch: dict[str, torch.Tensor], dtype: torch.dtype, device, rows=slice(None)):
@@ -66,20 +105,25 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
 
 
 def train_step(
-    engine, batch, objective: Objective, *, chunks: int, dtype: torch.dtype
-) -> StepOutput:
+    engine, batch, objective: Objective, *, chunks: int, dtype: torch.dtype,
+    signals: RankSignals = RankSignals(),
+) -> StepOutput:  # fmt: skip
+    """One step. Host syncs: exactly one, the agreement after the loss (the skip decision must
+    be known before backward); no `.item()` elsewhere."""
     if chunks == 1:
         image, text, scale, bias = engine(*_model_inputs(batch, dtype, engine.device))
         loss = objective(image, text, scale, bias)
-        mean_loss, finite = _agree_on_loss(loss)
-        if finite:
+        agreed = _agree(loss, scale, signals)
+        if agreed.finite:
             engine.backward(loss)
             engine.step()
-        return StepOutput(mean_loss, scale.item(), applied=finite)
-    return _grad_cache_step(engine, batch, objective, chunks=chunks, dtype=dtype)
+        return _output(agreed, applied=agreed.finite)
+    return _grad_cache_step(engine, batch, objective, chunks=chunks, dtype=dtype, signals=signals)
 
 
-def _grad_cache_step(engine, batch, objective: Objective, *, chunks: int, dtype) -> StepOutput:
+def _grad_cache_step(
+    engine, batch, objective: Objective, *, chunks: int, dtype, signals: RankSignals
+) -> StepOutput:
     b = batch["input_ids"].shape[0]
     bounds = [slice(k * b // chunks, (k + 1) * b // chunks) for k in range(chunks)]
     device = engine.device
@@ -102,9 +146,9 @@ def _grad_cache_step(engine, batch, objective: Objective, *, chunks: int, dtype)
     scale_leaf = scale.detach().float().requires_grad_()
     bias_leaf = bias.detach().float().requires_grad_() if bias is not None else None
     loss = objective(image, text, scale_leaf, bias_leaf)
-    mean_loss, finite = _agree_on_loss(loss)
-    if not finite:
-        return StepOutput(mean_loss, scale.item(), applied=False)
+    agreed = _agree(loss, scale, signals)
+    if not agreed.finite:
+        return _output(agreed, applied=False)
     leaves = [image, text, scale_leaf] + ([bias_leaf] if bias_leaf is not None else [])
     grads = torch.autograd.grad(loss, leaves)
     grad_image, grad_text, grad_scale = grads[:3]
@@ -124,4 +168,4 @@ def _grad_cache_step(engine, batch, objective: Objective, *, chunks: int, dtype)
         engine.backward(surrogate, scale_wrt_gas=False)
     _set_rng_state(rng_after, device)
     engine.step()
-    return StepOutput(mean_loss, scale.item(), applied=True)
+    return _output(agreed, applied=True)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from trainer.config import Config, load_config
 from trainer.config_io import ConfigError, dump_yaml
-from trainer.dist import DistInfo, collective_device, read_dist_info
+from trainer.dist import DistInfo, read_dist_info
 
 EXIT_CONFIG = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", which is what a requeue does
@@ -45,14 +45,12 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self, skipped_samples: int = 0) -> tuple[bool, int]:
-        """(stop now, bad samples skipped by all ranks so far), the same on every rank: True as
-        soon as any rank got a signal (ranks must stop together). One collective for both."""
-        flags = torch.tensor([float(self.requested), float(skipped_samples)],
-                             device=collective_device())  # fmt: skip
-        dist.all_reduce(flags)  # SUM: any rank's signal, every rank's skips
-        requested, skipped = flags.tolist()
-        return requested > 0, int(skipped)
+    def signals(self, skipped_samples: int):
+        """This rank's stop request and skip count (trainer.step.RankSignals), sent with the
+        step's one collective; the step returns what all ranks agreed (they stop together)."""
+        from trainer.step import RankSignals
+
+        return RankSignals(self.requested, skipped_samples)
 
 
 def prepare_run_dir(cfg: Config, info: DistInfo) -> Path:
@@ -165,8 +163,9 @@ def _loop(cfg, info, parts, metrics, objective_at, stop, *, step: int, ckpt_dir:
         started = time.perf_counter()
         batch = next(batches)
         out = train_step(
-            engine, batch, objective_at(step + 1), chunks=cfg.train.grad_cache_chunks, dtype=dtype
-        )
+            engine, batch, objective_at(step + 1), chunks=cfg.train.grad_cache_chunks,
+            dtype=dtype, signals=stop.signals(loader.skipped_samples),
+        )  # fmt: skip
         step += 1
         if not out.applied:
             checkpoint.advance_schedule(engine)  # a skipped step counts in the schedule too
@@ -179,11 +178,11 @@ def _loop(cfg, info, parts, metrics, objective_at, stop, *, step: int, ckpt_dir:
                 )
                 return 1
         seconds = time.perf_counter() - started
-        preempted, skipped_samples = stop.agreed(loader.skipped_samples)
+        preempted = out.stop
         metrics.log("train", step, {
             "loss": out.loss, "lr": lr, "logit_scale": out.logit_scale,
             "samples_per_s": cfg.train.global_batch_size / seconds,
-            "skipped_samples": skipped_samples, "skipped_steps": skipped_steps,
+            "skipped_samples": out.skipped_samples, "skipped_steps": skipped_steps,
         })  # fmt: skip
 
         if due(step, cfg.eval.every) or (step == cfg.train.steps and cfg.eval.every > 0):

@@ -88,7 +88,7 @@ def test_locked_image_tower(tmp_path, synthetic_dir, zero) -> None:
 def test_reentrant_checkpointing_trains_the_unlocked_layers(unlocked) -> None:
     """In process: reentrant checkpointing (what ZeRO-3 uses) with a locked image tower gives
     every trainable parameter a gradient and none to the frozen ones."""
-    from tests.unit.test_grad_cache import _model_and_batch
+    from tests.support.models import trainable_clip_and_batch
     from trainer.model import ModelConfig, TokenIds, build_clip_config, build_model
 
     cfg = ModelConfig(
@@ -98,7 +98,7 @@ def test_reentrant_checkpointing_trains_the_unlocked_layers(unlocked) -> None:
     model = build_model(
         cfg, build_clip_config(cfg, TokenIds(100, 1, 2, 0), 8), with_bias=False, zero3=True
     ).train()
-    _, batch = _model_and_batch(dropout=0.0)
+    _, batch = trainable_clip_and_batch(dropout=0.0)
     needs_grad = []  # no backward runs through the frozen layers
     for layer in model.vision_model.encoder.layers:
         layer.register_forward_hook(lambda m, a, out: needs_grad.append(out[0].requires_grad))

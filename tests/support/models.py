@@ -22,6 +22,23 @@ def tiny_hf_clip():
     return model.eval(), tok
 
 
+def trainable_clip_and_batch(dropout: float):
+    """(a seeded tiny TrainableCLIP with attention dropout `dropout`, a 12-row batch)."""
+    from trainer.model import ModelConfig, TokenIds, build_clip_config, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(attention_dropout=dropout)
+    model = build_model(
+        cfg, build_clip_config(cfg, TokenIds(100, 1, 2, 0), 8), with_bias=False, zero3=False
+    )
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 100, (12, 8), generator=gen)
+    ids[:, 5] = 2  # eos
+    batch = {"pixel_values": torch.randn(12, 3, 32, 32, generator=gen), "input_ids": ids,
+             "attention_mask": torch.ones(12, 8, dtype=torch.long)}  # fmt: skip
+    return model, batch
+
+
 class RecordingEngine:
     """The four DeepSpeed engine calls train_step makes, around a plain module: gradients
     accumulate between boundaries like DeepSpeed's; `step` records them."""

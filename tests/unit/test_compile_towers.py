@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from tests.unit.test_grad_cache import _model_and_batch
+from tests.support.models import trainable_clip_and_batch
 from trainer.losses import make_objective
 from trainer.losses.registry import LossConfig
 from trainer.model import ModelConfig, compile_towers
@@ -29,7 +29,7 @@ def _loss_and_grads(model, batch):
 
 def test_compiled_step_equals_eager() -> None:
     torch._dynamo.reset()
-    eager, batch = _model_and_batch(dropout=0.0)
+    eager, batch = trainable_clip_and_batch(dropout=0.0)
     compiled = copy.deepcopy(eager)
     compile_towers(compiled, backend=BACKEND)
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # in place: same names

@@ -11,25 +11,10 @@ import copy
 
 import torch
 
-from tests.support.models import RecordingEngine
+from tests.support.models import RecordingEngine, trainable_clip_and_batch
 from trainer.losses import make_objective
 from trainer.losses.registry import LossConfig
-from trainer.model import ModelConfig, TokenIds, build_clip_config, build_model
 from trainer.step import train_step
-
-
-def _model_and_batch(dropout: float):
-    torch.manual_seed(0)
-    cfg = ModelConfig(attention_dropout=dropout)
-    model = build_model(
-        cfg, build_clip_config(cfg, TokenIds(100, 1, 2, 0), 8), with_bias=False, zero3=False
-    )
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 100, (12, 8), generator=gen)
-    ids[:, 5] = 2  # eos
-    batch = {"pixel_values": torch.randn(12, 3, 32, 32, generator=gen), "input_ids": ids,
-             "attention_mask": torch.ones(12, 8, dtype=torch.long)}  # fmt: skip
-    return model, batch
 
 
 def _reference_grads(model, batch, chunks: int, replay: bool):
@@ -53,7 +38,7 @@ def _reference_grads(model, batch, chunks: int, replay: bool):
 
 
 def test_grad_cache_replays_dropout_and_matches_one_backward() -> None:
-    model, batch = _model_and_batch(dropout=0.3)
+    model, batch = trainable_clip_and_batch(dropout=0.3)
     reference_model = copy.deepcopy(model)
     torch.manual_seed(7)
     engine = RecordingEngine(model)
