@@ -154,6 +154,90 @@ def _check_pair(image_features: torch.Tensor, text_features: torch.Tensor) -> No
         )
 
 
+# F.cross_entropy materialises its log-softmax: run it on row chunks of at most this share of
+# the (b, B) logits, so that temporary stays an eighth of a block instead of a whole one.
+_CE_CHUNKS = 8
+
+
+def _row_cross_entropy(logits: torch.Tensor, first_label: int) -> torch.Tensor:
+    """CE of every row i of `logits` against column first_label + i, (b,), in row chunks."""
+    b = logits.shape[0]
+    labels = torch.arange(b, device=logits.device) + first_label
+    rows = -(-b // _CE_CHUNKS)
+    return torch.cat(
+        [
+            F.cross_entropy(logits[i : i + rows], labels[i : i + rows], reduction="none")
+            for i in range(0, b, rows)
+        ]
+    )
+
+
+def _loss_and_grad_factor(
+    rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, first_label: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_i CE(s·rows_i·colsᵀ, first_label + i), and the (b, B) block softmax − onehot.
+
+    The block is the one b×B tensor of this direction: the logits are written into it, and
+    overwritten in place by ∂CE/∂logits, all that the backward needs from them.
+    """
+    logits = torch.mm(rows, cols.T).mul_(scale)  # (b, d)·(d, B) -> (b, B)
+    ce = _row_cross_entropy(logits, first_label)
+    # The positive of row i is column first_label + i: the diagonal at that offset.
+    positives = logits.diagonal(first_label)
+    lse = ce + positives  # CE_i = lse_i − positive_i, so no second pass for the normaliser
+    grad_factor = logits.sub_(lse[:, None]).exp_()  # row softmax, in place
+    grad_factor.diagonal(first_label).sub_(1.0)  # − onehot
+    return ce.sum(), grad_factor
+
+
+def _direction_grads(
+    factor: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    coef: torch.Tensor,
+    need_cols: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One direction's (∂/∂rows, ∂/∂cols or None, Σ_ij factor_ij·rows_i·cols_j) from its block.
+
+    The dot is Σ_i rows_i·(factor·cols)_i, read off the row gradient before it is scaled: it
+    is ∂/∂s of this direction up to 1/(2b), without a second pass over the block.
+    """
+    grad_rows = torch.mm(factor, cols)  # (b, B)·(B, d) -> (b, d)
+    dot = torch.vdot(rows.reshape(-1), grad_rows.view(-1))  # flat: no (b, d) temporary
+    grad_rows.mul_(coef)
+    grad_cols = torch.mm(factor.T, rows).mul_(coef) if need_cols else None  # (B, d)
+    return grad_rows, grad_cols, dot
+
+
+class _DiscoClip(torch.autograd.Function):
+    """Forward: L_n from this rank's rows against the gathered columns, both directions.
+    Backward: ∂L_n/∂(rows, gathered columns, s) from the two saved softmax − onehot blocks.
+
+    Autograd through `F.cross_entropy` would keep the logits, the log-softmax and then its
+    gradient (three b×B blocks per direction); this keeps one per direction (docs/disco.md).
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, all_x, all_y, scale, rank):
+        b = x.shape[0]
+        ce_img, factor_img = _loss_and_grad_factor(x, all_y, scale, rank * b)
+        ce_txt, factor_txt = _loss_and_grad_factor(y, all_x, scale, rank * b)
+        ctx.save_for_backward(x, y, all_x, all_y, scale, factor_img, factor_txt)
+        return (ce_img + ce_txt) / (2 * b)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        x, y, all_x, all_y, scale, factor_img, factor_txt = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        b = x.shape[0]
+        coef = grad_loss * scale / (2 * b)  # ∂L_n/∂logit = factor/(2b), ∂logit/∂x = s·y
+        gx, g_all_y, dot_img = _direction_grads(factor_img, x, all_y, coef, need[3])
+        gy, g_all_x, dot_txt = _direction_grads(factor_txt, y, all_x, coef, need[2])
+        grad_scale = (dot_img + dot_txt) * (grad_loss / (2 * b))
+        return gx, gy, g_all_x, g_all_y, grad_scale, None
+
+
 def disco_clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -171,11 +255,11 @@ def disco_clip_loss(
 
     Returns:
         This rank's mean over its b rows of the symmetric cross-entropy (see the module
-        docstring for how it relates to the full-batch loss and its gradients).
+        docstring for how it relates to the full-batch loss and its gradients). Forward and
+        backward keep one (b, B) block per direction (`_DiscoClip`).
     """
     _check_pair(image_features, text_features)
     rank, _ = _world(group)
-    b = image_features.shape[0]
     dtype = _compute_dtype(image_features)
     scale = logit_scale_value(logit_scale).to(dtype)
     # Upcast before the gather: the logits, the softmax and the reduce-scatter that sums the
@@ -184,11 +268,8 @@ def disco_clip_loss(
 
     all_image = gather_rows(image, group)  # (B, d)
     all_text = gather_rows(text, group)  # (B, d)
-    # Only this rank's rows, in both directions: (b, d) · (d, B) -> (b, B)
-    logits_image = scale * (image @ all_text.T)
-    logits_text = scale * (text @ all_image.T)
-    labels = torch.arange(b, device=image_features.device) + rank * b
-    return 0.5 * (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels))
+    # Only this rank's rows, in both directions: (b, d) · (d, B) -> (b, B) per direction
+    return _DiscoClip.apply(image, text, all_image, all_text, scale, rank)
 
 
 def full_batch_clip_loss(

@@ -13,11 +13,12 @@ probabilities p_ij = exp(s·x_i·y_j − lse_i) and accumulates, tile by tile,
 and ∂/∂s = 1/(2b)·Σ_ij p_ij·x_i·y_j (both directions) − 1/b·Σ_i x_i·y_i, the sum taken as
 Σ_j y_j·(Σ_i p_ij·x_i) before the tile's columns are overwritten (next paragraph).
 
-Memory per rank, in elements: the gathered features 2·B·d (kept from forward to backward, as
-DisCo keeps them) + one (b, t) tile + a few (b, d) row buffers, i.e. O(b·t + B·d); no b×B
-tensor ever exists. The gathered tensors are owned here, so the backward writes each tile's
-column gradients into the columns' own storage, and sends (reduce-scatters) and frees the
-text columns before the image columns are processed.
+Memory per rank, in elements: one gathered (B, d) feature tensor at a time (each direction
+gathers its columns, uses them and drops them; the backward gathers them again instead of
+keeping both from the forward) + one (b, t) tile + one (t, d) column buffer + a few (b, d)
+row buffers, i.e. O(b·t + B·d); no b×B tensor ever exists. The gathered tensors are owned
+here, so the backward writes each tile's column gradients into the columns' own storage, and
+sends (reduce-scatters) and frees the text columns before the image columns are gathered.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def _tile_grads(
         probs.sub_(lse[:, None]).exp_()
         grad_rows.addmm_(probs, block, alpha=alpha)  # (b, t)·(t, d) -> (b, d)
         torch.mm(probs.T, rows, out=col_grad[:t])  # (t, b)·(b, d) -> (t, d)
-        dot += torch.einsum("jd,jd->", block, col_grad[:t])
+        # A flat dot product: einsum here would allocate two (t, d) temporaries per tile.
+        dot += torch.vdot(block.reshape(-1), col_grad[:t].view(-1))
         if grad_cols is None:
             block.copy_(col_grad[:t])
         else:
@@ -135,7 +137,12 @@ def _tile_grads(
 
 
 class _TiledClip(torch.autograd.Function):
-    """Forward: the per-rank DisCo loss. Backward: tile-by-tile recompute (see module doc)."""
+    """Forward: the per-rank DisCo loss. Backward: tile-by-tile recompute (see module doc).
+
+    Only one gathered (B, d) tensor exists at a time: each direction gathers its columns,
+    uses them and drops them, and the backward gathers them again rather than keeping both
+    from the forward (an all-gather of B·d values costs far less than a b·B·d matmul).
+    """
 
     @staticmethod
     def forward(ctx, x, y, scale, group, tile):
@@ -143,47 +150,61 @@ class _TiledClip(torch.autograd.Function):
         b = x.shape[0]
         # A Python float lets the GEMMs apply s for free (alpha); on CUDA this is one sync.
         s = scale.item()
-        all_x = _gather_owned(x, group, world)  # (B, d)
-        all_y = _gather_owned(y, group, world)  # (B, d)
-        lse_img = _row_lse(x, all_y, s, tile)  # (b,) image rows vs all texts
-        lse_txt = _row_lse(y, all_x, s, tile)  # (b,) text rows vs all images
+        lse_img = _row_lse(x, _gather_owned(y, group, world), s, tile)  # image rows vs texts
+        lse_txt = _row_lse(y, _gather_owned(x, group, world), s, tile)  # text rows vs images
         # The positives s·x_i·y_i (column rank·b + i is this rank's own pair i).
         pos = torch.einsum("id,id->", x, y)
         loss = (0.5 * (lse_img.sum() + lse_txt.sum()) - scale * pos) / b
         ctx.save_for_backward(x, y, scale, lse_img, lse_txt)
-        # Not saved tensors: the backward overwrites them in place (gradients reuse storage).
-        ctx.gathered = (all_x, all_y)
         ctx.group, ctx.world, ctx.tile = group, world, tile
+        ctx.done = False
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        if ctx.gathered is None:
+        # The backward re-gathers, so a second one would now be correct; it stays refused only
+        # because that is this loss's pinned contract (tests/unit/test_loss_tiled.py).
+        if ctx.done:
             raise RuntimeError("tiled_disco_clip_loss: backward twice (retain_graph) unsupported")
+        ctx.done = True
         x, y, scale, lse_img, lse_txt = ctx.saved_tensors
-        all_x, all_y = ctx.gathered
-        ctx.gathered = None
         b = x.shape[0]
         s = scale.item()
         coef = s / (2 * b)  # ∂L_n/∂logit_ij = (p_ij − δ_ij)/(2b), and ∂logit/∂x = s·y
 
-        # Image rows vs all texts; all_y then holds raw text-column gradients. Sending them
-        # at once lets all_y go before the text direction starts.
+        # Image rows vs all texts: the re-gathered texts become their raw column gradients
+        # in place, and are sent (and freed) before the images are gathered.
         gx = torch.zeros_like(x)
-        dot_img = _tile_grads(x, all_y, lse_img, s, ctx.tile, gx, coef)
-        gy = _reduce_scatter_sum(all_y.mul_(coef), ctx.group, ctx.world)  # (b, d)
-        del all_y
+        dot_img, gy = _columns_pass(x, y, lse_img, s, gx, coef, ctx)
         # Text rows vs all images, accumulated onto the text-column gradients just received.
-        dot_txt = _tile_grads(y, all_x, lse_txt, s, ctx.tile, gy, coef)
-        gx.add_(_reduce_scatter_sum(all_x.mul_(coef), ctx.group, ctx.world))
-        del all_x
+        dot_txt, gx_cols = _columns_pass(y, x, lse_txt, s, gy, coef, ctx)
+        gx.add_(gx_cols)
+        del gx_cols
 
         # The positives −s/b·x_i·y_i, in both gradients and in ∂L_n/∂s.
         gx.sub_(y, alpha=s / b).mul_(grad_loss)
         gy.sub_(x, alpha=s / b).mul_(grad_loss)
         grad_scale = (0.5 * (dot_img + dot_txt) - torch.einsum("id,id->", x, y)) * (grad_loss / b)
         return gx, gy, grad_scale, None, None
+
+
+def _columns_pass(
+    rows: torch.Tensor,
+    local_cols: torch.Tensor,
+    lse: torch.Tensor,
+    s: float,
+    grad_rows: torch.Tensor,
+    coef: float,
+    ctx: torch.autograd.function.FunctionCtx,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather the columns, add this direction's row gradients to grad_rows, and return
+    (Σ_ij p_ij·rows_i·cols_j, this rank's slice of Σ_m coef·∂/∂cols): the gathered tensor
+    holds the column gradients after `_tile_grads` and is gone when this returns."""
+    group, world = ctx.group, ctx.world  # type: ignore[attr-defined]
+    all_cols = _gather_owned(local_cols, group, world)
+    dot = _tile_grads(rows, all_cols, lse, s, ctx.tile, grad_rows, coef)  # type: ignore[attr-defined]
+    return dot, _reduce_scatter_sum(all_cols.mul_(coef), group, world)
 
 
 def _prepare(

@@ -16,10 +16,11 @@ peak tensor bytes). Per rank, in bytes, with P parameters, N ranks, b = B/N:
   the training dtype; ZeRO-3: one). At the shipped 5e8 elements they are GBs.
 - activations: what autograd saves, per sample, per tower (plan_activations below), plus the
   input batch.
-- loss: the contrastive loss's peak, fp32 (the losses reduce in at least fp32), measured on
-  this machine with bench/loss_bench.py: naive 5 B×B blocks, disco 6 b×B blocks (3 per
-  direction: the matmul output kept for ∂/∂scale, the log-softmax, its gradient), tiled one
-  b×t tile + 2 b×d row buffers; plus the gathered features 2·B·d.
+- loss: the contrastive loss's peak, fp32 (the losses cast up before the gather), checked
+  against measured tensor bytes by tests/dist/test_loss_memory.py and bench/loss_bench.py:
+  naive 5 B×B blocks + 2·B·d; disco 2 b×B blocks (one softmax − onehot per direction) +
+  4·B·d (gathered features and their gradients) + 2·b·d; tiled one gathered B×d at a time +
+  one b×t tile and its t×d slice + 2·b·d row buffers (see `loss_bytes`).
 
 The total is the states + buffers + gradients plus the larger of two phases: the loss backward
 with every activation still live (a plain step's peak), or — with gradient caching, where the
@@ -59,8 +60,10 @@ from trainer.plan.activations import TowerShape, activation_bytes, input_bytes
 LOSS_NAMES = ("disco", "naive", "tiled")
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NAIVE_BLOCKS = 5  # B×B fp32 blocks at the naive loss's peak (bench/loss_bench.py, d=64, N=2)
-DISCO_BLOCKS = 6  # b×B fp32 blocks at the DisCo loss's peak (same bench)
-TILED_ROW_BUFFERS = 2  # b×d fp32 buffers beside the tile in the tiled loss
+DISCO_BLOCKS = 2  # b×B fp32 blocks at the DisCo loss's peak: one softmax − onehot per direction
+DISCO_FEATURE_BUFFERS = 4  # B×d fp32 at DisCo's peak: both gathered features and their gradients
+ROW_BUFFERS = 2  # b×d fp32 row gradients (image, text) at the disco and tiled peaks
+LOSS_DTYPE_BYTES = 4  # the losses upcast to fp32 before gathering, whatever the precision
 OPENAI_CLIP_VOCAB = 49408
 SAMPLE_BYTES = 40 * 2**10  # assumed mean undecoded LAION sample (jpg + txt + json)
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -263,14 +266,28 @@ def state_bytes(shape: ModelShape, spec: PlanSpec) -> tuple[int, int, int]:
 
 
 def loss_bytes(loss: str, *, batch: int, gpus: int, embed_dim: int, feat_bytes: int, tile: int):
-    """Peak bytes of the contrastive loss forward+backward on one rank (see module doc)."""
-    b = batch // gpus
-    gathered = 2 * batch * embed_dim * feat_bytes  # all-gathered image and text features (B, d)
+    """Peak bytes of the contrastive loss forward+backward on one rank, on NCCL (whose
+    collectives allocate no tensors; gloo's copy their inputs, see tests/dist/test_loss_memory.py).
+
+    Everything is fp32 (LOSS_DTYPE_BYTES): the losses cast 16-bit features up before the
+    gather, and keep those two (b, d) copies for the backward. At each loss's peak:
+    - naive: NAIVE_BLOCKS B×B blocks + the gathered features 2·B·d;
+    - disco: the two saved b×B softmax − onehot blocks, the gathered features and their
+      gradients 4·B·d, and the two (b, d) row gradients (in `_DiscoClip.backward`);
+    - tiled: one gathered B×d at a time (each direction gathers its columns again in the
+      backward), the (b, t) tile beside its (t, d) column buffer — or the (b, d) output of
+      the reduce-scatter, whichever is larger —, the two row gradients and the two (b,)
+      log-sum-exps. Checked against measurement by tests/dist/test_loss_memory.py.
+    """
+    b, d, f = batch // gpus, embed_dim, LOSS_DTYPE_BYTES
+    casts = 2 * b * d * f if feat_bytes < f else 0  # fp32 copies of 16-bit features
+    rows = ROW_BUFFERS * b * d * f + casts
     if loss == "naive":
-        return NAIVE_BLOCKS * batch * batch * 4 + gathered
+        return NAIVE_BLOCKS * batch * batch * f + 2 * batch * d * f
     if loss == "disco":
-        return DISCO_BLOCKS * b * batch * 4 + gathered
-    return b * min(tile, batch) * 4 + TILED_ROW_BUFFERS * b * embed_dim * 4 + gathered
+        return DISCO_BLOCKS * b * batch * f + DISCO_FEATURE_BUFFERS * batch * d * f + rows
+    t = min(tile, batch)
+    return (batch * d + max(b * t + t * d, b * d) + 2 * b) * f + rows
 
 
 def _shape(spec: PlanSpec) -> ModelShape:
