@@ -18,6 +18,7 @@ from trainer.plan.planner import (
     parse_memory,
     plan,
 )
+from trainer.plan.stage import recommend_stage, recommendation_line
 
 
 def _gib(n: int) -> str:
@@ -45,6 +46,7 @@ def format_report(spec: PlanSpec) -> str:
         f"  total        {_gib(br.total)}  of {_gib(budget(spec))} usable "
         f"({spec.usable_fraction:.0%}): {'FITS' if fits(spec) else 'DOES NOT FIT'}",
         f"  largest global batch that fits: {largest_batch(spec)}",
+        recommendation_line(recommend_stage(spec)),
         f"host memory per rank {_gib(host.per_rank)}  (loader, S={shape.image_size}, "
         f"{spec.workers} workers, batch {host.batch / 2**30:.2f} GiB uint8)",
         f"  prefetched   {_gib(host.prefetched)}  "
