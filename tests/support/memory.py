@@ -2,8 +2,10 @@
 
 The profiler records every allocation and free of the torch CPU allocator ("[memory]" events
 with signed byte counts); replaying them in time order gives the peak of live tensor bytes
-during `fn`, above what was live before it. This counts tensors only (not Python objects or
-gloo's internal buffers), which is what the loss-memory claims are about.
+during `fn`, above what was live before it. This counts tensors only (not Python objects),
+which is what the loss-memory claims are about. It does count the torch tensors gloo's
+all-gather and reduce-scatter copy their inputs into (one B×d each; NCCL makes none):
+bench/loss_bench.py's `nccl_like_collectives` measures without them.
 """
 
 from __future__ import annotations

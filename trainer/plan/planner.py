@@ -64,6 +64,7 @@ DISCO_BLOCKS = 2  # b×B fp32 blocks at the DisCo loss's peak: one softmax − o
 DISCO_FEATURE_BUFFERS = 4  # B×d fp32 at DisCo's peak: both gathered features and their gradients
 ROW_BUFFERS = 2  # b×d fp32 row gradients (image, text) at the disco and tiled peaks
 LOSS_DTYPE_BYTES = 4  # the losses upcast to fp32 before gathering, whatever the precision
+CE_CHUNKS = 8  # row chunks of DisCo's cross-entropy (trainer/losses/disco.py: _CE_CHUNKS)
 OPENAI_CLIP_VOCAB = 49408
 SAMPLE_BYTES = 40 * 2**10  # assumed mean undecoded LAION sample (jpg + txt + json)
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -273,7 +274,8 @@ def loss_bytes(loss: str, *, batch: int, gpus: int, embed_dim: int, feat_bytes: 
     gather, and keep those two (b, d) copies for the backward. At each loss's peak:
     - naive: NAIVE_BLOCKS B×B blocks + the gathered features 2·B·d;
     - disco: the two saved b×B softmax − onehot blocks, the gathered features and their
-      gradients 4·B·d, and the two (b, d) row gradients (in `_DiscoClip.backward`);
+      gradients 4·B·d, and the two (b, d) row gradients (in `_DiscoClip.backward`); or, when
+      b is large beside d, the forward's two blocks + 2·B·d + one cross-entropy row chunk;
     - tiled: one gathered B×d at a time (each direction gathers its columns again in the
       backward), the (b, t) tile beside its (t, d) column buffer — or the (b, d) output of
       the reduce-scatter, whichever is larger —, the two row gradients and the two (b,)
@@ -285,7 +287,12 @@ def loss_bytes(loss: str, *, batch: int, gpus: int, embed_dim: int, feat_bytes: 
     if loss == "naive":
         return NAIVE_BLOCKS * batch * batch * f + 2 * batch * d * f
     if loss == "disco":
-        return DISCO_BLOCKS * b * batch * f + DISCO_FEATURE_BUFFERS * batch * d * f + rows
+        backward = DISCO_BLOCKS * b * batch + DISCO_FEATURE_BUFFERS * batch * d  # + rows
+        # The forward: both blocks, the gathered features, and F.cross_entropy's log-softmax
+        # of one row chunk (trainer/losses/disco.py: _CE_CHUNKS). Larger than the backward
+        # only when ceil(b/8)·B > 2·B·d + 2·b·d, i.e. roughly b > 16·d.
+        forward = DISCO_BLOCKS * b * batch + 2 * batch * d + -(-b // CE_CHUNKS) * batch
+        return max(backward * f + rows, forward * f + casts)
     t = min(tile, batch)
     return (batch * d + max(b * t + t * d, b * d) + 2 * b) * f + rows
 
