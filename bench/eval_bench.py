@@ -39,7 +39,7 @@ def _model(size: int, layers: int):
 
 
 def _timed_eval(rank: int, world: int, data: str, images: int, size: int, layers: int,
-                rounds: int) -> float:  # fmt: skip
+                rounds: int, layout: str) -> float:  # fmt: skip
     import torch
     import torch.distributed as dist
 
@@ -47,9 +47,12 @@ def _timed_eval(rank: int, world: int, data: str, images: int, size: int, layers
 
     torch.set_num_threads(1)
     model, tok = _model(size, layers)
-    cfg = EvalConfig(zeroshot_dir=f"{data}/val_pairs", classnames=f"{data}/classnames.txt",
-                     retrieval_shards=f"{data}/val_pairs", max_samples=images, workers=0,
-                     batch_size=32)  # fmt: skip
+    if layout == "tar":  # zero-shot and retrieval over the same labelled, captioned shards
+        sets = dict(zeroshot_dir=f"{data}/val_pairs", retrieval_shards=f"{data}/val_pairs")
+    else:  # zero-shot over the ImageFolder copy of the held-out images
+        sets = dict(zeroshot_dir=f"{data}/val")
+    cfg = EvalConfig(**sets, classnames=f"{data}/classnames.txt", max_samples=images,
+                     workers=0, batch_size=32)  # fmt: skip
     evaluate(model, tok, cfg, rank=rank, world_size=world)  # warm-up
     best = float("inf")
     for _ in range(rounds):
@@ -68,6 +71,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="image size in px")
     parser.add_argument("--layers", type=int, default=2, help="layers per tower")
     parser.add_argument("--rounds", type=int, default=2, help="timed evals per variant")
+    parser.add_argument("--layout", choices=("tar", "folder"), default="tar",
+                        help="tar: zero-shot + retrieval over shards; folder: zero-shot over an "
+                        "ImageFolder")  # fmt: skip
     parser.add_argument("--dir", default="/tmp/disco-clip-eval-bench", help="data cache")
     args = parser.parse_args()
 
@@ -79,13 +85,18 @@ def main() -> None:
         per_class = -(-args.images // 24)  # the built-in set has 24 classes
         make_synthetic(data, train_samples=24, val_per_class=per_class, image_size=args.size,
                        samples_per_shard=256, force=True)  # fmt: skip
-    common = (str(data), args.images, args.size, args.layers, args.rounds)
+    common = (str(data), args.images, args.size, args.layers, args.rounds, args.layout)
     seconds: dict[int, float] = {}
     for world in (1, 2, 1, 2):  # alternated: a change in machine load hits both
         got = run_ranks(_timed_eval, world, *common)[0]
         seconds[world] = min(seconds.get(world, float("inf")), got)
-    print(f"eval of {args.images} images ({args.size} px, {args.layers}-layer towers), "
-          "zero-shot + retrieval, 1 thread per process, decode in-process")  # fmt: skip
+    what = (
+        "zero-shot + retrieval over tar shards"
+        if args.layout == "tar"
+        else ("zero-shot over an ImageFolder")
+    )
+    print(f"eval of {args.images} images ({args.size} px, {args.layers}-layer towers), {what}, "
+          "1 thread per process, decode in-process")  # fmt: skip
     print(f"{'processes':<12}{'seconds':>10}{'images/s':>12}")
     for world, s in seconds.items():
         print(f"{world:<12}{s:>10.2f}{args.images / s:>12.1f}")
