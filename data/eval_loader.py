@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.decode import open_rgb
@@ -167,3 +168,32 @@ def eval_batches(
         worker_init_fn=_one_thread if workers else None,
         pin_memory=torch.cuda.is_available(),  # CUDA-only: pinned for the async copy
     )
+
+
+# ---- a whole set in one process (tests, tools): the same reader, owning every sample ------
+
+
+def decoded(source: EvalSet) -> Iterator[tuple[Image.Image, Target]]:
+    """(RGB image, target) for every sample of `source`, in index order; undecodable skipped."""
+    for index, image, target in source.read(Share()):
+        try:
+            data = image if isinstance(image, bytes) else Path(image).read_bytes()
+            yield open_rgb(data), target
+        except ValueError as exc:
+            log.warning("skipping eval image %s: %s", index, exc)
+
+
+def wds_labelled(spec: str) -> Iterator[tuple[Image.Image, int]]:
+    """(image, label) from shards whose .json has an int `label` (zero-shot classification)."""
+    return decoded(ShardSet(spec, "label"))
+
+
+def wds_captioned(spec: str) -> Iterator[tuple[Image.Image, list[str]]]:
+    """(image, captions) from shards (data.eval_sets.sample_captions); captionless skipped."""
+    return decoded(ShardSet(spec, "captions"))
+
+
+def wds_pairs(spec: str) -> Iterator[tuple[Image.Image, str]]:
+    """(image, caption text) from shards: the captions joined one per line."""
+    for image, captions in wds_captioned(spec):
+        yield image, "\n".join(captions)

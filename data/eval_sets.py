@@ -1,6 +1,7 @@
-"""Held-out sets for evaluation: class names, ImageFolder directories, labelled tar shards, and
-captioned images for retrieval (k captions per image: caption files and shards, see
-`load_caption_file` and `sample_captions`; a multi-line caption is never read as one caption).
+"""Held-out sets for evaluation: class names, ImageFolder directories, caption files and the
+shards' captions (k captions per image: `load_caption_file` and `sample_captions`; a
+multi-line caption is never read as one caption), and the checks that open them before
+training. Reading the sets' images is data/eval_loader.py's.
 
 ImageFolder mapping: the folder of class "red circle" is `red_circle` (spaces -> '_'); a folder
 named exactly like the class (spaces kept) is accepted too.
@@ -12,7 +13,6 @@ import io
 import itertools
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
@@ -42,38 +42,6 @@ def imagefolder_samples(root: str | Path, classnames: list[str]) -> list[tuple[P
         files = sorted(p for p in folder.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTS)
         samples.extend((path, label) for path in files)
     return samples
-
-
-def _decoded(spec: str) -> Iterator[tuple[Image.Image, str, dict]]:
-    shards = expand_shards(spec)
-    if not shards:
-        raise ValueError(f"no .tar files match '{spec}'")
-    for url in shards:
-        for sample in read_shard(url):
-            try:
-                if sample.error or sample.image is None:
-                    raise ValueError(sample.error or "no image")
-                image = Image.open(io.BytesIO(sample.image)).convert("RGB")
-                text = sample.text.decode("utf-8").strip() if sample.text else ""
-                meta = json.loads(sample.meta) if sample.meta else {}
-            except Exception as exc:
-                log.warning("skipping bad eval sample shard=%s key=%s: %s", url, sample.key, exc)
-                continue
-            yield image, text, meta
-
-
-def wds_labelled(spec: str) -> Iterator[tuple[Image.Image, int]]:
-    """(image, label) from shards whose .json has an int `label` (zero-shot classification)."""
-    for image, _, meta in _decoded(spec):
-        if isinstance(meta.get("label"), int):
-            yield image, meta["label"]
-
-
-def wds_pairs(spec: str) -> Iterator[tuple[Image.Image, str]]:
-    """(image, caption) pairs from shards (retrieval)."""
-    for image, text, _ in _decoded(spec):
-        if text:
-            yield image, text
 
 
 # ---- retrieval with k captions per image ---------------------------------------------------
@@ -156,18 +124,6 @@ def sample_captions(text: str, meta: dict) -> list[str]:
     if "captions" in meta:
         return _caption_list(meta["captions"], "captions")
     return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def wds_captioned(spec: str) -> Iterator[tuple[Image.Image, list[str]]]:
-    """(image, captions) from shards; captions as in `sample_captions`; captionless skipped."""
-    for image, text, meta in _decoded(spec):
-        try:
-            captions = sample_captions(text, meta)
-        except ValueError as exc:
-            log.warning("skipping eval sample with bad captions: %s", exc)
-            continue
-        if captions:
-            yield image, captions
 
 
 def check_shards(spec: str, need: str, peek: int = 4) -> None:

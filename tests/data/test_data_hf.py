@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from data.config import DataConfig
-from data.eval_sets import wds_pairs
+from data.eval_loader import wds_pairs
 from tests.data.helpers import loader, same, take
 
 N = 48

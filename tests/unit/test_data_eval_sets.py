@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from data.concepts import class_names
-from data.eval_sets import imagefolder_samples, load_classnames, wds_labelled, wds_pairs
+from data.eval_loader import wds_labelled, wds_pairs
+from data.eval_sets import imagefolder_samples, load_classnames
 
 
 def test_imagefolder_maps_folders_to_classnames_in_order(synthetic_dir):

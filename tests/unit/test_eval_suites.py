@@ -195,7 +195,7 @@ def test_retrieval_from_caption_files(tiny_model, tmp_path):
 def test_retrieval_from_shards_with_caption_lists(tiny_model, tmp_path):
     import io
 
-    from data.eval_sets import wds_captioned
+    from data.eval_loader import wds_captioned
     from data.shards import write_shard
 
     def jpeg(seed):
