@@ -156,7 +156,7 @@ def fixed_step(cfg, rank: int, world: int):
     # run_ranks started the processes and the group: give DeepSpeed what a launcher would.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world))  # fmt: skip
-    cpu_quirks.skip_deepspeed_shm_build()
+    cpu_quirks.patch_deepspeed_for_cpu()
     parts = build_components(cfg, read_dist_info())
     fixed = [next(parts.loader) for _ in range(4)]
     parts.loader.close()

@@ -229,7 +229,7 @@ def measure_rank(rank: int, world: int, cases: list[BenchCase], ctx: int) -> lis
 
     # run_ranks starts the processes itself: give DeepSpeed the variables a launcher would.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    cpu_quirks.skip_deepspeed_shm_build()
+    cpu_quirks.patch_deepspeed_for_cpu()
     results: dict[BenchCase, dict] = {}
     for stage in sorted({c.stage for c in cases}):
         baseline = live_tensor_bytes()  # whatever earlier stages left behind is not counted

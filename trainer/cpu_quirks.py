@@ -15,9 +15,17 @@ def on_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def skip_deepspeed_shm_build() -> None:
-    """DeepSpeed JIT-compiles a shared-memory comm op at every process start (30–70 s on two
-    cores) that the gloo path does not use."""
+def patch_deepspeed_for_cpu() -> None:
+    """Two DeepSpeed start-up decisions that are wrong for a CPU run with gloo.
+
+    - It JIT-compiles a shared-memory comm op at every process start (30-70 s on two cores)
+      that the gloo path does not use: skipped.
+    - Its CPU accelerator refuses fp16 unless oneDNN has native fp16 kernels (AVX512-FP16 or
+      AMX-FP16: recent Intel Xeons, not e.g. AMD EPYC before Zen 5), so `train.precision=fp16`
+      would run on one CPU test machine and not another. torch computes fp16 on any x86 CPU
+      (converting where there is no native kernel): slower, the same numbers. CPU runs exist to
+      exercise the GPU code path, so fp16 is allowed everywhere.
+    """
     if on_cuda():
         return
     import importlib
@@ -26,6 +34,9 @@ def skip_deepspeed_shm_build() -> None:
     # `deepspeed.comm.torch`, which is the real torch module re-exported by deepspeed.comm.
     ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     ds_torch_comm.build_shm_op = lambda: None
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    CPU_Accelerator.is_fp16_supported = lambda self: True
 
 
 def adapt_deepspeed_config(ds_config: dict) -> dict:

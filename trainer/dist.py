@@ -132,7 +132,7 @@ def init_distributed(info: DistInfo, cfg: DistConfig) -> None:
         MASTER_ADDR=info.master_addr,
         MASTER_PORT=str(info.master_port),
     )
-    cpu_quirks.skip_deepspeed_shm_build()
+    cpu_quirks.patch_deepspeed_for_cpu()
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cpu_quirks.on_cuda() else "gloo")
     if cpu_quirks.on_cuda():  # CUDA-only: no CPU test reaches this branch
         index = cuda_device_index(info.local_rank, torch.cuda.device_count())

@@ -61,7 +61,7 @@ def _steps_rank(rank: int, world: int) -> dict:
     from trainer.step import train_step
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    cpu_quirks.skip_deepspeed_shm_build()
+    cpu_quirks.patch_deepspeed_for_cpu()
     import deepspeed
 
     deepspeed.init_distributed(

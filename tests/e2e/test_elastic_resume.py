@@ -125,7 +125,7 @@ def _gather_after_load(rank: int, world: int, jobs: list[tuple[str, str]]) -> li
     from trainer.config import load_config
     from trainer.dist import read_dist_info
 
-    cpu_quirks.skip_deepspeed_shm_build()
+    cpu_quirks.patch_deepspeed_for_cpu()
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     results = []
     for run_dir, tag in jobs:
