@@ -148,8 +148,9 @@ def _build_ddp(model_cfg, clip_config, inputs, objective) -> Runner:
     optim = OptimConfig()
     # What DeepSpeed's torch_adam constructs from the JSON: the same class, groups and values.
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps
-    )
+        parameter_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
+        eps=optim.eps, fused=True,
+    )  # fmt: skip
     schedule = LambdaLR(optimizer, WarmupCosine(0, 10**6, 0.0))
 
     def step() -> None:
@@ -227,7 +228,7 @@ def prepare_rank(rank: int, world: int) -> None:
     from trainer import cpu_quirks
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    cpu_quirks.skip_deepspeed_shm_build()
+    cpu_quirks.patch_deepspeed_for_cpu()
     _quiet_deepspeed()
     # DeepSpeed's comm layer adopts run_ranks' process group now, as at the trainer's start-up:
     # zero.Init (ZeRO-3 construction) reads the world size from it.

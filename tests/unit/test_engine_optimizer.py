@@ -42,11 +42,11 @@ def _config(name: str, *, on_cuda: bool, template: dict | None = None) -> dict:
     )  # fmt: skip
 
 
-def test_cpu_branch_is_deepspeeds_torch_adam():
-    assert choose_optimizer(False) == TORCH_ADAMW
+def test_cpu_branch_is_deepspeeds_torch_adam_fused():
+    assert choose_optimizer(False) == TORCH_ADAMW_FUSED
     for stage in STAGES:
         params = _config(stage, on_cuda=False)["optimizer"]["params"]
-        assert params["torch_adam"] is True and "fused" not in params, stage
+        assert params["torch_adam"] is True and params["fused"] is True, stage
 
 
 def test_cuda_branch_without_prebuilt_op_is_torch_fused_adamw():
@@ -117,7 +117,7 @@ def test_deepspeed_builds_the_chosen_adamw_with_our_groups(on_cuda):
     optimizer = _deepspeed_builds(config["optimizer"]["params"], groups)
     assert optimizer_label(optimizer) == choose_optimizer(on_cuda)
     assert type(optimizer) is torch.optim.AdamW
-    assert bool(optimizer.defaults.get("fused")) is on_cuda
+    assert optimizer.defaults.get("fused") is True  # torch's fused kernel, on CPU as on CUDA
     assert tuple(optimizer.defaults["betas"]) == (0.9, 0.98)
     assert optimizer.defaults["eps"] == 1e-6 and optimizer.defaults["lr"] == 1e-3
 
