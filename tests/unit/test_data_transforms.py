@@ -12,7 +12,6 @@ from transformers import CLIPImageProcessor
 from data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
-    _random_box,
     eval_transform,
     normalize_pixels,
     sample_seed,
@@ -52,6 +51,19 @@ def test_train_transform_is_a_function_of_its_seed():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("seed", [0, 7, 2**31, 2**32 - 1, 2**32, 2**40 + 3])
+@pytest.mark.parametrize("key", ["", "k", "000000.tar/000000007", "dir/é-ß/x.y", "x" * 200])
+def test_sample_seed_is_the_documented_seed_sequence(seed, key):
+    # docs/data_order.md: SeedSequence([seed, epoch, len(key bytes), *key bytes]), one empty
+    # key byte standing for an empty key. Old checkpoints resume into the same crops only if
+    # the fast array form draws exactly what that list form draws.
+    key_words = list(key.encode("utf-8")) or [0]
+    for epoch in (0, 3, 2**32 + 1):
+        expected = np.random.SeedSequence([seed, epoch, len(key_words), *key_words])
+        got = sample_seed(seed, epoch, key)
+        assert np.array_equal(got.generate_state(8), expected.generate_state(8))
+
+
 def test_full_scale_train_crop_is_plain_resize_for_square_input():
     image = _image(32, 32)
     out = train_transform(32, scale=(1.0, 1.0), ratio=(1.0, 1.0))(image, sample_seed(0, 0, "k"))
@@ -70,11 +82,29 @@ def _old_to_normalised_tensor(image: Image.Image) -> torch.Tensor:
     return (tensor - _OLD_MEAN) / _OLD_STD
 
 
+def _old_random_box(size, scale, ratio, rng):
+    """The crop box as first written (numpy scalars throughout), the reference the faster
+    version must reproduce draw for draw."""
+    width, height = size
+    area = width * height
+    log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = float(np.exp(rng.uniform(*log_ratio)))
+        w = round(np.sqrt(target * aspect))
+        h = round(np.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return (left, top, left + w, top + h)
+    return (0, 0, width, height)
+
+
 def _old_train_transform(image_size, scale, ratio=(3 / 4, 4 / 3)):
     def apply(image, seed):
         image = image.convert("RGB")
         rng = np.random.default_rng(seed)
-        box = _random_box(image.size, scale, ratio, rng)
+        box = _old_random_box(image.size, scale, ratio, rng)
         crop = image.resize((image_size, image_size), resample=Image.Resampling.BICUBIC, box=box)
         return _old_to_normalised_tensor(crop)
 
@@ -84,16 +114,31 @@ def _old_train_transform(image_size, scale, ratio=(3 / 4, 4 / 3)):
 def test_normalize_pixels_equals_the_old_worker_float_path_bit_for_bit():
     size, scale = 32, (0.5, 1.0)
     images = [_image(64, 48, 1), _image(40, 70, 2), _image(32, 32, 3), _image(300, 200, 4)]
-    seeds = [sample_seed(0, e, f"000000.tar/{i:09d}") for i, e in enumerate((0, 0, 1, 3))]
+    images += [images[0].convert("L"), images[1].convert("RGBA")]  # not RGB: converted first
+    seeds = [sample_seed(0, e, f"000000.tar/{i:09d}") for i, e in enumerate((0, 0, 1, 3, 0, 1))]
     new = train_transform(size, scale)
     old = _old_train_transform(size, scale)
     pixels = torch.stack([new(im, sd) for im, sd in zip(images, seeds, strict=True)])
     expected = torch.stack([old(im, sd) for im, sd in zip(images, seeds, strict=True)])
-    assert pixels.dtype == torch.uint8 and pixels.shape == (4, 3, size, size)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (6, 3, size, size)
     got = normalize_pixels(pixels, torch.float32)
     assert got.dtype == torch.float32 and got.is_contiguous()
     assert torch.equal(got, expected)  # bit-identical, not just close
     assert torch.equal(normalize_pixels(pixels, torch.bfloat16), expected.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.5, 1.0), (0.9, 1.0), (1.0, 1.0)])
+def test_train_crops_are_the_boxes_first_written(scale):
+    # Same boxes for many seeds and shapes (including ones where all ten tries fail): a resumed
+    # run, or a run on a newer version, draws exactly the crops it always did.
+    transform = train_transform(16, scale)
+    for i in range(150):
+        width, height = 20 + 37 * i % 400, 20 + 53 * i % 300
+        image = _image(width, height, i) if i % 10 else _image(400, 20, i)  # a strip: fallback
+        seed = sample_seed(i, i % 3, f"{i:06d}.tar/{i:09d}")
+        expected = _old_train_transform(16, scale)(image, seed)
+        got = normalize_pixels(transform(image, seed)[None], torch.float32)[0]
+        assert torch.equal(got, expected), (i, width, height)
 
 
 def _all_values() -> torch.Tensor:
