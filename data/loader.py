@@ -2,10 +2,10 @@
 
 Order (docs/data_order.md). Global batch t is B/S consecutive samples of each of the run's S
 logical streams (data/stream.py). This rank hosts streams r, r+N, r+2N, ...; with `workers > 0`
-each DataLoader process hosts every W-th of those and yields one chunk set per step, so the
-loader's round-robin gives the main process one item from every worker per step, which it
-concatenates in stream order. With `workers = 0` all the rank's streams run in-process. Neither
-N nor W changes which samples make up a global batch.
+DataLoader process w hosts the w-th contiguous block of those and yields one item per step, so
+the loader's round-robin gives the main process one item from every worker per step, which it
+joins in stream order. With `workers = 0` all the rank's streams run in-process. Neither N nor W
+changes which samples make up a global batch.
 
 Resume. The state is the step count plus each hosted stream's position (epoch, reader cursor,
 shuffle buffer as references, generator state, skip count). Restoring re-reads the buffered
@@ -13,7 +13,10 @@ samples by reference and seeks the reader to its byte offset: about one shuffle 
 batch per stream, wherever in the epoch. Given the states of every rank of a checkpoint, a rank
 of a run with another world size takes the streams it now hosts.
 
-Hand-over. Batches carry uint8 pixels (b, 3, S, S), the crops before rescaling and CLIP
+Hand-over. What crosses from a worker to the training process each step is built to cost that
+process almost nothing (`_Part`): one shared-memory buffer per worker for all its streams'
+samples, and the streams' states as one opaque blob, decoded only when a checkpoint asks.
+Batches carry uint8 pixels (b, 3, S, S), the crops before rescaling and CLIP
 normalisation: the trainer moves them to the GPU and calls data.transforms.normalize_pixels
 there (bit-identical to normalising in the worker, 4x less host memory and PCIe traffic than
 fp32). When CUDA is available the batches are in pinned memory, so the trainer's
@@ -25,8 +28,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -44,17 +48,78 @@ STATE_VERSION = 2
 PREFETCH_FACTOR = 2  # batches each worker process keeps ready (trainer/plan/planner.py counts them)
 
 
+@dataclass
+class _Part:
+    """One loader process's share of a step, shaped so that receiving it is cheap for the
+    training process (measured there: 6-10 ms per step before, on a 2-core CPU run).
+
+    - One buffer for all the worker's samples: the DataLoader sends every tensor storage as a
+      shared-memory handle of its own, one socket round trip to the worker each, so three
+      tensors per stream cost three round trips per stream.
+    - The states as one pickled blob, decoded only when a checkpoint (or a restart of the
+      workers) needs them: a stream's state lists its whole shuffle buffer by reference
+      (~1000 entries), and unpickling every stream's every step was ~3 ms in the training
+      process. The blob is the DataLoader's own IPC channel carrying data our forked worker
+      made; nothing from a file is unpickled. In-process (workers = 0) it stays a dict.
+    - A dataclass, not a dict: the DataLoader's default_convert would walk every nested list
+      of the states in the worker (28% of a worker's CPU before).
+    """
+
+    streams: list[int]  # in order; a worker's streams are a contiguous block of the rank's
+    rows: int
+    buffer: torch.Tensor  # uint8, laid out by _layout: pixels | input_ids | attention_mask
+    skipped: dict[int, int]  # stream -> bad samples skipped so far (every step's signals)
+    states: bytes | dict[int, dict]  # stream -> StreamState.as_dict(), pickled across processes
+
+
+def _layout(rows: int, image_size: int, context_length: int) -> tuple[int, int, int]:
+    """Byte offsets (input_ids, attention_mask, end) in a part's buffer; the int64 tensors start
+    at multiples of 8 so that the uint8 buffer can be viewed as int64 there."""
+    ids_at = -(-rows * 3 * image_size * image_size // 8) * 8
+    mask_at = ids_at + rows * context_length * 8
+    return ids_at, mask_at, mask_at + rows * context_length * 8
+
+
+def _views(buffer: torch.Tensor, rows: int, image_size: int, context_length: int) -> dict:
+    """The batch dict over a buffer laid out by _layout (views, no copies)."""
+    ids_at, mask_at, end = _layout(rows, image_size, context_length)
+    pixels = rows * 3 * image_size * image_size
+    return {
+        "pixel_values": buffer[:pixels].view(rows, 3, image_size, image_size),
+        "input_ids": buffer[ids_at:mask_at].view(torch.int64).view(rows, context_length),
+        "attention_mask": buffer[mask_at:end].view(torch.int64).view(rows, context_length),
+    }
+
+
+def _parts(spec: StreamSpec, streams: list[int], states: dict[int, dict], *, encode: bool):
+    """stream_chunks for `streams`, one _Part per step."""
+    size, length = spec.image_size, spec.context_length
+    for chunks, after in stream_chunks(spec, streams, _restored(states, streams)):
+        rows = sum(len(chunks[s]["input_ids"]) for s in streams)
+        buffer = torch.empty(_layout(rows, size, length)[2], dtype=torch.uint8)
+        for key, out in _views(buffer, rows, size, length).items():
+            torch.cat([chunks[s][key] for s in streams], out=out)
+        yield _Part(
+            streams, rows, buffer, skipped={s: st["skipped"] for s, st in after.items()},
+            states=pickle.dumps(after, protocol=pickle.HIGHEST_PROTOCOL) if encode else after,
+        )  # fmt: skip
+
+
 class _Workers(IterableDataset):
     """DataLoader dataset whose process w hosts logical worker w's streams; each process yields
-    one item per step (its streams' chunks), so the loader's round-robin hands the main process
-    one item from every worker per step."""
+    one _Part per step, so the loader's round-robin hands the main process one part from every
+    worker per step."""
 
     def __init__(self, spec: StreamSpec, states: dict[int, dict]):
         self.spec, self.states = spec, states
 
     def __iter__(self):
         streams = self.spec.worker_streams(get_worker_info().id)
-        yield from stream_chunks(self.spec, streams, _restored(self.states, streams))
+        yield from _parts(self.spec, streams, self.states, encode=True)
+
+
+def _as_is(part: _Part) -> _Part:
+    return part
 
 
 def _restored(states: dict[int, dict], streams: list[int]) -> dict[int, StreamState]:
@@ -76,41 +141,70 @@ class TrainLoader:
         self.spec = spec
         self.processes = processes
         self.steps = 0
-        self.states: dict[int, dict] = {}  # stream -> its state after the last batch handed out
-        self._iter: Iterator | None = None
+        self._states: dict[int, dict] = {}  # stream -> its state after the last batch handed out
+        self._pending: dict[tuple[int, ...], bytes | dict] = {}  # newer states, not yet decoded
+        self._skipped: dict[int, int] = {}  # stream -> bad samples it skipped so far
+        self._iter: Iterator[_Part] | None = None
+
+    @property
+    def states(self) -> dict[int, dict]:
+        """stream -> its state after the last batch handed out (decoded on demand: _Part)."""
+        for blob in self._pending.values():
+            self._states.update(pickle.loads(blob) if isinstance(blob, bytes) else blob)
+        self._pending.clear()
+        return self._states
 
     @property
     def skipped_samples(self) -> int:
         """Bad samples (undecodable, missing caption, truncated tar) skipped by this rank's
         streams since the start of training."""
-        return sum(state["skipped"] for state in self.states.values())
+        return sum(self._skipped.values())
 
     def __iter__(self) -> TrainLoader:
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def start(self) -> None:
+        """Start producing batches now (worker processes fork and fill their shuffle buffers)
+        rather than at the first `next`: the trainer calls it before building the model and
+        the engine, so the first batch is ready when they are."""
         if self._iter is None:
             self._iter = self._start()
-        chunks: dict[int, dict[str, torch.Tensor]] = {}
-        for _ in range(self.spec.workers if self.processes else 1):
-            part, states = next(self._iter)
-            chunks.update(part)
-            self.states.update(states)
-        order = sorted(chunks)  # stream order: the same rank batch whatever the worker count
-        batch = {key: torch.cat([chunks[s][key] for s in order]) for key in chunks[order[0]]}
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        self.start()
+        parts = [next(self._iter) for _ in range(self.spec.workers if self.processes else 1)]
+        parts.sort(key=lambda part: part.streams[0])  # stream order, whatever the worker count
+        for part in parts:
+            self._pending[tuple(part.streams)] = part.states
+            self._skipped.update(part.skipped)
         self.steps += 1
         # Pinned (page-locked) batches let the trainer's .to(device, non_blocking=True) copy
         # asynchronously. Only on a CUDA machine: pinning needs a CUDA device, so the CPU test
         # suite cannot exercise this path (tests/gpu does).
-        return _pinned(batch) if torch.cuda.is_available() else batch
+        return self._join(parts, pin=torch.cuda.is_available())
 
-    def _start(self) -> Iterator:
+    def _join(self, parts: list[_Part], pin: bool) -> dict[str, torch.Tensor]:
+        """The rank batch: views of the one part's buffer when that will do, else one buffer
+        (pinned when `pin`) that the parts are copied into."""
+        size, length = self.spec.image_size, self.spec.context_length
+        if len(parts) == 1 and not pin:
+            return _views(parts[0].buffer, parts[0].rows, size, length)
+        rows = sum(part.rows for part in parts)
+        buffer = torch.empty(_layout(rows, size, length)[2], dtype=torch.uint8, pin_memory=pin)
+        batch = _views(buffer, rows, size, length)
+        pieces = [_views(part.buffer, part.rows, size, length) for part in parts]
+        for key, out in batch.items():
+            torch.cat([piece[key] for piece in pieces], out=out)
+        return batch
+
+    def _start(self) -> Iterator[_Part]:
+        states = dict(self.states)
         if not self.processes:
-            streams = self.spec.rank_streams()
-            return stream_chunks(self.spec, streams, _restored(self.states, streams))
+            return _parts(self.spec, self.spec.rank_streams(), states, encode=False)
         loader = DataLoader(
-            _Workers(self.spec, dict(self.states)),
+            _Workers(self.spec, states),
             batch_size=None,
+            collate_fn=_as_is,
             num_workers=self.spec.workers,
             worker_init_fn=_one_thread,
             prefetch_factor=PREFETCH_FACTOR,
@@ -161,17 +255,15 @@ class TrainLoader:
             )
         self.close()
         self.steps = steps.pop()
-        self.states = {s: merged[s] for s in spec.rank_streams() if s in merged}
+        self._states = {s: merged[s] for s in spec.rank_streams() if s in merged}
+        self._pending.clear()
+        self._skipped = {s: int(state["skipped"]) for s, state in self._states.items()}
 
     def close(self) -> None:
         """Stop worker processes (a new iteration starts them again from the saved position)."""
         if self._iter is not None and hasattr(self._iter, "_shutdown_workers"):
             self._iter._shutdown_workers()
         self._iter = None
-
-
-def _pinned(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: tensor.pin_memory() for name, tensor in batch.items()}
 
 
 def build_source(cfg: DataConfig, seed: int) -> WebDatasetSource | HFSource | MixedSource:

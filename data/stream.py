@@ -61,7 +61,10 @@ class StreamSpec:
         return list(range(self.rank, self.streams, self.world_size))
 
     def worker_streams(self, worker: int) -> list[int]:
-        return self.rank_streams()[worker :: self.workers]
+        """Worker w hosts the w-th of W contiguous blocks of this rank's streams: the workers'
+        items, taken in worker order, are then already in stream order."""
+        streams, w = self.rank_streams(), self.workers
+        return streams[worker * len(streams) // w : (worker + 1) * len(streams) // w]
 
 
 @dataclass
@@ -83,8 +86,10 @@ class StreamState:
     good_in_epoch: int = 0
 
     def as_dict(self) -> dict:
+        # The buffer's references are shared, not copied: a loader worker sends every stream's
+        # state every step, and a reference (a RawSample's `ref`) is never changed once made.
         return {
-            "epoch": self.epoch, "cursor": self.cursor, "buffer": [list(r) for r in self.buffer],
+            "epoch": self.epoch, "cursor": self.cursor, "buffer": list(self.buffer),
             "draining": self.draining, "rng": self.rng, "taken": self.taken,
             "skipped": self.skipped, "good_in_epoch": self.good_in_epoch,
         }  # fmt: skip
@@ -193,6 +198,7 @@ def stream_chunks(
     Bad samples are skipped, logged and counted where they would have been used."""
     transform = train_transform(spec.image_size, spec.crop_scale)
     readers = {s: StreamReader(spec, s, states.get(s)) for s in streams}
+    shard_names: dict[str, str] = {}  # shard URL -> its file name (the augmentation key's head)
     while True:
         chunks = {}
         for stream, reader in readers.items():
@@ -211,7 +217,10 @@ def stream_chunks(
                     continue
                 reader.state.good_in_epoch += 1
                 # The crop depends on the sample's identity, not on process, stream or timing.
-                key = f"{PurePosixPath(sample.shard).name}/{sample.key}"
+                name = shard_names.get(sample.shard)
+                if name is None:
+                    name = shard_names[sample.shard] = PurePosixPath(sample.shard).name
+                key = f"{name}/{sample.key}"
                 pixels.append(transform(image, sample_seed(spec.seed, reader.state.epoch, key)))
                 texts.append(text)
             input_ids, attention_mask = tokenize(spec.tokenizer, texts, spec.context_length)

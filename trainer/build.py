@@ -43,11 +43,44 @@ def token_ids(tokenizer) -> TokenIds:
     )
 
 
-def build_components(cfg: Config, info: DistInfo) -> Components:
+def build_components(
+    cfg: Config,
+    info: DistInfo,
+    *,
+    data_states: list[dict] | None = None,
+    start_loader: bool = False,
+) -> Components:
+    """Tokenizer, loader, model and engine. `data_states`: every saved rank's loader state of
+    the checkpoint being resumed. `start_loader`: start the loader's workers before the model
+    and engine are built, so that their start (fork, shuffle buffers, first decode) overlaps
+    with that work instead of following it; the loader is closed again if the build fails."""
     from data.loader import build_train_loader
     from data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
+    loader = build_train_loader(
+        cfg.data,
+        rank=info.rank,
+        world_size=info.world_size,
+        local_batch_size=cfg.train.global_batch_size // info.world_size,
+        tokenizer=tokenizer,
+        seed=cfg.run.seed,
+    )
+    if data_states is not None:
+        # On another world size each rank takes the logical streams it now hosts
+        # (docs/data_order.md), so the order carries on.
+        loader.load_state_dict(data_states)
+    if start_loader:
+        loader.start()
+    try:
+        engine, hf_ds_config, ds_config = _build_engine(cfg, info, tokenizer)
+    except BaseException:
+        loader.close()
+        raise
+    return Components(engine, loader, tokenizer, ds_config, hf_ds_config)
+
+
+def _build_engine(cfg: Config, info: DistInfo, tokenizer):
     ds_config = build_deepspeed_config(
         cfg.deepspeed.load(),
         global_batch_size=cfg.train.global_batch_size,
@@ -82,13 +115,4 @@ def build_components(cfg: Config, info: DistInfo) -> Components:
     engine = initialize(model, ds_config, schedule)
     # From here on, randomness (dropout) differs per rank, as each rank sees other samples.
     torch.manual_seed(cfg.run.seed + 1 + info.rank)
-
-    loader = build_train_loader(
-        cfg.data,
-        rank=info.rank,
-        world_size=info.world_size,
-        local_batch_size=cfg.train.global_batch_size // info.world_size,
-        tokenizer=tokenizer,
-        seed=cfg.run.seed,
-    )
-    return Components(engine, loader, tokenizer, ds_config, hf_ds_config)
+    return engine, hf_ds_config, ds_config

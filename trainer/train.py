@@ -104,8 +104,6 @@ def check_free_space(engine, ckpt_dir: Path) -> None:
 def train(cfg: Config, info: DistInfo, run_dir: Path) -> int:
     from trainer import checkpoint
     from trainer.build import build_components
-    from trainer.losses import make_objective
-    from trainer.metrics import MetricsLogger
 
     ckpt_dir = run_dir / "checkpoints"
     # Bad input that only shows while setting up (a tokenizer that does not parse, a loader
@@ -114,22 +112,37 @@ def train(cfg: Config, info: DistInfo, run_dir: Path) -> int:
         # One decision for all ranks, on storage all ranks share (trainer/checkpoint.py).
         checkpoint.check_shared_run_dir(run_dir)
         resume_dir, notes = checkpoint.choose_resume(cfg.checkpoint, ckpt_dir)
-        parts = build_components(cfg, info)  # model, engine, loader, tokenizer (see build.py)
-        engine, loader = parts.engine, parts.loader
-        check_free_space(engine, ckpt_dir)
-        start_step = 0
+        data_states = None  # every saved rank's data position, when resuming
         if resume_dir is not None:
-            resumed = checkpoint.load(engine, resume_dir, rank=info.rank)
-            start_step, saved_world = resumed.step, resumed.saved_world_size
+            saved_world = checkpoint.saved_world_size(resume_dir)
             data_states = checkpoint.load_data_states(resume_dir, saved_world)
-            # Every saved rank's data position: on another world size each rank takes the
-            # logical streams it now hosts (docs/data_order.md), so the order carries on.
-            loader.load_state_dict(data_states)
-            if info.is_main and (notes or resumed.notes):
-                print("\n".join([*notes, *resumed.notes]), flush=True)
-            print(f"[rank {info.rank}] resumed from {resume_dir} at step {start_step}", flush=True)
+        # Model, engine, loader, tokenizer (build.py); the loader's workers start first.
+        parts = build_components(cfg, info, data_states=data_states, start_loader=True)
     except ValueError as err:
         raise ConfigError(str(err).strip().splitlines()[0]) from err
+    try:
+        return _resume_and_train(cfg, info, parts, run_dir, resume_dir, notes)
+    finally:
+        parts.loader.close()  # worker processes end before the process does
+
+
+def _resume_and_train(cfg, info, parts, run_dir: Path, resume_dir, notes: list[str]) -> int:
+    from trainer import checkpoint
+    from trainer.losses import make_objective
+    from trainer.metrics import MetricsLogger
+
+    ckpt_dir = run_dir / "checkpoints"
+    check_free_space(parts.engine, ckpt_dir)
+    start_step = 0
+    if resume_dir is not None:
+        try:
+            resumed = checkpoint.load(parts.engine, resume_dir, rank=info.rank)
+        except ValueError as err:
+            raise ConfigError(str(err).strip().splitlines()[0]) from err
+        start_step = resumed.step
+        if info.is_main and (notes or resumed.notes):
+            print("\n".join([*notes, *resumed.notes]), flush=True)
+        print(f"[rank {info.rank}] resumed from {resume_dir} at step {start_step}", flush=True)
 
     metrics = MetricsLogger(
         cfg.log, run_dir, enabled=info.is_main, total_steps=cfg.train.steps, start_step=start_step
@@ -137,13 +150,11 @@ def train(cfg: Config, info: DistInfo, run_dir: Path) -> int:
     objective = make_objective(cfg.loss)
     objective_at = debug_nan_injection(objective, cfg.train.inject_nan_at_step)
     stop = StopRequest()
-
     try:
         return _loop(
             cfg, info, parts, metrics, objective_at, stop, step=start_step, ckpt_dir=ckpt_dir
         )
     finally:
-        loader.close()  # worker processes end before the process does
         metrics.close()
 
 
