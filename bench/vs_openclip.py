@@ -23,6 +23,8 @@ What is measured, identically for both (every output line is time-stamped on arr
   and all its descendants had used by then (less sensitive to other load on the machine).
 - steady samples/s: global batch x steps / wall time between the step lines of step `--skip`
   and of the last step (so the first steps' warm-up is left out).
+- before the rounds, one short untimed launch of each trainer (`--warmup-launches`): each
+  imports from its own venv, and the first launch of either reads those files from disk.
 - peak RSS: the largest sum of the resident memory of the launcher and all its descendants
   (ranks, loader workers), sampled every 0.1 s.
 
@@ -394,6 +396,8 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup-launches", type=int, default=1,
+                        help="untimed short launches of each trainer first (warm page cache)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--skip", type=int, default=8, help="steps left out of steady samples/s")
     parser.add_argument("--per-rank", type=int, default=64)
@@ -433,7 +437,8 @@ def prepare(args: argparse.Namespace) -> Setup:
     return Setup(python, shards, model_dir, ours)
 
 
-def run_one(name: str, rnd: int, args: argparse.Namespace, setup: Setup) -> Measured:
+def run_one(name: str, rnd: int, args: argparse.Namespace, setup: Setup, *,
+            quiet: bool = False) -> Measured:  # fmt: skip
     run_dir = args.work / name / f"r{rnd}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -445,6 +450,8 @@ def run_one(name: str, rnd: int, args: argparse.Namespace, setup: Setup) -> Meas
     launch = run_stamped(cmd, cwd=cwd, env=env, log=run_dir / "stamped.log",
                          timeout=args.timeout, mark=STEP_LINE[name])  # fmt: skip
     m = measure(launch, name, args.per_rank * args.nproc, args.skip)
+    if quiet:
+        return m
     print(f"round {rnd} {name:<9} {m.samples_per_s:7.1f} samples/s "
           f"({m.cpu_ms_per_sample:.2f} CPU ms/sample), start-up {m.startup_s:5.2f} s "
           f"({m.startup_cpu_s:4.1f} CPU s), peak RSS {m.peak_rss_mib:5.0f} MiB", flush=True)  # fmt: skip
@@ -458,6 +465,14 @@ def main(argv: list[str] | None = None) -> int:
           f"processes x {args.per_rank}, fp32, {args.steps} steps, steady from step {args.skip}; "
           f"ours: deepspeed.config={args.ds_config or 'the default'}; OpenCLIP: --local-loss "
           f"--gather-with-grad --workers {args.workers}", flush=True)  # fmt: skip
+    if args.warmup_launches:
+        # Each trainer imports from its own venv (OpenCLIP's holds its own torch): the first
+        # launch of either reads those files from disk, later ones from the page cache. One
+        # short untimed launch each, so no round pays a cold start only one trainer has.
+        short = argparse.Namespace(**{**vars(args), "steps": args.skip + 1})
+        for name in ("ours", "openclip"):
+            for _ in range(args.warmup_launches):
+                run_one(name, 0, short, setup, quiet=True)
     results: dict[str, list[Measured]] = {"ours": [], "openclip": []}
     for rnd in range(1, args.rounds + 1):
         # The order swaps every round: neither trainer always runs on a warmer machine.
