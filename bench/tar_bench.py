@@ -8,8 +8,8 @@ Shards in img2dataset's layout (KEY.jpg of 1-3 KB of JPEG-like bytes, KEY.txt, K
 by data/shards.py's write_shard in a temporary directory and read once before timing, so both
 readers find them in the page cache: what is timed is the CPU a loader worker spends turning
 tar bytes into RawSamples (no decoding). The baseline is read_shard as it was (tarfile's
-random-access mode, the member machinery and the counting wrapper around every read), kept
-below. Each round times a full pass of both readers over all shards, alternately, so a change
+random-access mode, the member machinery and the counting wrapper around every read), which
+data/shards.py keeps as `_tarfile_samples`. Each round times a full pass of both readers over all shards, alternately, so a change
 in machine load hits both alike; the medians are printed, the ratio new/baseline last. Before
 timing, both readers must yield the same samples (refs included).
 """
@@ -20,43 +20,25 @@ import argparse
 import json
 import random
 import statistics
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from data.shards import RawSample, _CountingReader, _open, _split_name, read_shard, write_shard
+from data.shards import (
+    RawSample,
+    _CountingReader,
+    _open,
+    _tarfile_samples,
+    read_shard,
+    write_shard,
+)
 
 
 def tarfile_read_shard(url: str) -> Iterator[RawSample]:
-    """The baseline: read_shard for a local shard before the direct reader (from offset 0)."""
-    stream = _CountingReader(_open(url, allow_pipe=False))
-    current: RawSample | None = None
-    start = end = 0
-    try:
-        with tarfile.open(fileobj=stream, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_name(member.name)
-                data = tar.extractfile(member).read()
-                if current is not None and key != current.key:
-                    current.ref = [start, member.offset]
-                    yield current
-                    current = None
-                if current is None:
-                    current, start = RawSample(shard=url, key=key), member.offset
-                current.members.setdefault(ext, data)
-            end = tar.offset
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        yield RawSample(shard=url, key=current.key if current else "?", error=f"truncated: {exc}")
-        current = None
-    finally:
-        stream.close()
-    if current is not None:
-        current.ref = [start, end]
-        yield current
+    """The baseline: read_shard for a local shard before the direct reader, which is the path
+    data/shards.py keeps for pipes and for what the direct reader hands over to tarfile."""
+    return _tarfile_samples(url, _CountingReader(_open(url, allow_pipe=False)), seekable=True)
 
 
 def write_shards(where: Path, shards: int, per_shard: int) -> list[str]:
