@@ -106,6 +106,11 @@ def train(cfg: Config, info: DistInfo, run_dir: Path) -> int:
     from trainer.build import build_components
 
     ckpt_dir = run_dir / "checkpoints"
+    # Before the loader's workers fork (build_components starts them): they inherit this
+    # handler, so a SIGUSR1/SIGTERM sent to the whole job (Slurm signals every process of the
+    # step) only sets a flag in them, where the default action would kill them and fail the
+    # training process before it can write its checkpoint.
+    stop = StopRequest()
     # Bad input that only shows while setting up (a tokenizer that does not parse, a loader
     # state saved with other data settings) is the same on every rank: one line, exit 2.
     try:
@@ -121,12 +126,14 @@ def train(cfg: Config, info: DistInfo, run_dir: Path) -> int:
     except ValueError as err:
         raise ConfigError(str(err).strip().splitlines()[0]) from err
     try:
-        return _resume_and_train(cfg, info, parts, run_dir, resume_dir, notes)
+        return _resume_and_train(cfg, info, parts, stop, run_dir, resume_dir, notes)
     finally:
         parts.loader.close()  # worker processes end before the process does
 
 
-def _resume_and_train(cfg, info, parts, run_dir: Path, resume_dir, notes: list[str]) -> int:
+def _resume_and_train(
+    cfg, info, parts, stop: StopRequest, run_dir: Path, resume_dir, notes: list[str]
+) -> int:
     from trainer import checkpoint
     from trainer.losses import make_objective
     from trainer.metrics import MetricsLogger
@@ -149,7 +156,6 @@ def _resume_and_train(cfg, info, parts, run_dir: Path, resume_dir, notes: list[s
     )
     objective = make_objective(cfg.loss)
     objective_at = debug_nan_injection(objective, cfg.train.inject_nan_at_step)
-    stop = StopRequest()
     try:
         return _loop(
             cfg, info, parts, metrics, objective_at, stop, step=start_step, ckpt_dir=ckpt_dir
