@@ -86,6 +86,18 @@ def terminate_launcher(job: Job, run_dir: Path) -> int:
         job.kill_all()
 
 
+def signal_every_process(job: Job, run_dir: Path) -> int:
+    """Once the job has trained 3 steps, SIGUSR1 to every rank and every loader worker at once,
+    as Slurm's preemption warning arrives; returns how many processes got it."""
+    try:
+        job.wait_steps(run_dir, 3)
+        signalled = job.signal_all(signal.SIGUSR1)
+        job.proc.wait(timeout=DEAD_RANK_LIMIT_S)
+        return len(signalled)
+    finally:
+        job.kill_all()
+
+
 @pytest.fixture(scope="module")
 def jobs(synthetic_dir, tmp_path_factory) -> dict:
     data, root = Path(synthetic_dir), tmp_path_factory.mktemp("faults")
@@ -114,6 +126,8 @@ def jobs(synthetic_dir, tmp_path_factory) -> dict:
     start("reference", "torchrun", RESUME_COMMON)
     sigterm = start("sigterm", "torchrun", forever)
     out["killer-sigterm"] = Driver(lambda: terminate_launcher(sigterm, root / "sigterm"))
+    usr1 = start("usr1-everywhere", "torchrun", [*forever, "data.workers=1"])
+    out["killer-usr1"] = Driver(lambda: signal_every_process(usr1, root / "usr1-everywhere"))
     crashed = start("crashed", "torchrun", RESUME_COMMON)
     out["killer-crashed"] = Driver(
         lambda: crashed.kill_during_write(root / "crashed" / "checkpoints", "step_00000003")
@@ -152,6 +166,19 @@ def test_sigterm_checkpoints_then_exits(jobs) -> None:
     assert out.count("stop requested: checkpoint at step") == 2, out[-3000:]
     assert jobs["sigterm"].proc.returncode != 0  # torchrun re-raises the signal it got
     tags = complete_tags(jobs["root"] / "sigterm" / "checkpoints")
+    assert len(tags) == 1 and int(tags[0].split("_")[1]) >= 3, tags
+
+
+def test_sigusr1_to_every_process_checkpoints_then_exits(jobs) -> None:
+    """SIGUSR1 reaches the loader workers too (Slurm signals every process of the job step).
+    They must survive it until the training process stops them: a worker killed by it failed
+    the rank before its checkpoint ("DataLoader worker ... is killed by signal")."""
+    signalled = jobs["killer-usr1"].outcome()
+    out = jobs["usr1-everywhere"].output()
+    assert signalled >= 4, signalled  # 2 ranks and their loader workers
+    assert "killed by signal" not in out, out[-3000:]
+    assert out.count("stop requested: checkpoint at step") == 2, out[-3000:]
+    tags = complete_tags(jobs["root"] / "usr1-everywhere" / "checkpoints")
     assert len(tags) == 1 and int(tags[0].split("_")[1]) >= 3, tags
 
 

@@ -99,6 +99,16 @@ class Job:
         self.kill_all()
         return ""
 
+    def signal_all(self, sig: int) -> list[int]:
+        """Send `sig` to every process the launcher started (ranks and their loader workers),
+        not to the launcher: what Slurm does with `scancel --signal` or a job's --signal
+        warning. Returns the pids signalled."""
+        pids = [pid for pid in self.tree() if pid != self.proc.pid]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        return pids
+
     def kill_all(self) -> None:
         """The launcher and every rank at once, as when their node dies."""
         self.known |= set(self.tree())
