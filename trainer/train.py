@@ -101,6 +101,16 @@ def check_free_space(engine, ckpt_dir: Path) -> None:
         )
 
 
+@contextlib.contextmanager
+def _setup_errors_as_config_errors():
+    """Bad input that only shows while setting up (a tokenizer that does not parse, a loader
+    state saved with other data settings) is the same on every rank: one line, exit 2."""
+    try:
+        yield
+    except ValueError as err:
+        raise ConfigError(str(err).strip().splitlines()[0]) from err
+
+
 def train(cfg: Config, info: DistInfo, run_dir: Path) -> int:
     from trainer import checkpoint
     from trainer.build import build_components
@@ -111,9 +121,7 @@ def train(cfg: Config, info: DistInfo, run_dir: Path) -> int:
     # step) only sets a flag in them, where the default action would kill them and fail the
     # training process before it can write its checkpoint.
     stop = StopRequest()
-    # Bad input that only shows while setting up (a tokenizer that does not parse, a loader
-    # state saved with other data settings) is the same on every rank: one line, exit 2.
-    try:
+    with _setup_errors_as_config_errors():
         # One decision for all ranks, on storage all ranks share (trainer/checkpoint.py).
         checkpoint.check_shared_run_dir(run_dir)
         resume_dir, notes = checkpoint.choose_resume(cfg.checkpoint, ckpt_dir)
@@ -123,8 +131,6 @@ def train(cfg: Config, info: DistInfo, run_dir: Path) -> int:
             data_states = checkpoint.load_data_states(resume_dir, saved_world)
         # Model, engine, loader, tokenizer (build.py); the loader's workers start first.
         parts = build_components(cfg, info, data_states=data_states, start_loader=True)
-    except ValueError as err:
-        raise ConfigError(str(err).strip().splitlines()[0]) from err
     try:
         return _resume_and_train(cfg, info, parts, stop, run_dir, resume_dir, notes)
     finally:
@@ -142,10 +148,8 @@ def _resume_and_train(
     check_free_space(parts.engine, ckpt_dir)
     start_step = 0
     if resume_dir is not None:
-        try:
+        with _setup_errors_as_config_errors():
             resumed = checkpoint.load(parts.engine, resume_dir, rank=info.rank)
-        except ValueError as err:
-            raise ConfigError(str(err).strip().splitlines()[0]) from err
         start_step = resumed.step
         if info.is_main and (notes or resumed.notes):
             print("\n".join([*notes, *resumed.notes]), flush=True)
